@@ -1,0 +1,328 @@
+"""The ``styletune`` command: parse options, call one library function, print.
+
+No tensors here.  A :class:`~styletune.errors.StyletuneError` from the library
+becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .config import DEFAULT_MODEL, DecodingConfig
+from .errors import StyletuneError
+
+
+class UserError(click.ClickException):
+    exit_code = 2
+
+    def show(self, file=None):
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except StyletuneError as exc:
+            raise UserError(str(exc)) from None
+
+
+@click.group(cls=Group)
+@click.version_option(package_name="styletune")
+def main():
+    """Teach a small language model to write in someone's style, and inspect what it learned."""
+
+
+# ------------------------------------------------------------------------------- shared options
+
+
+def model_options(f):
+    @click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
+                  help="Registry name, hub id, model directory, styletune run directory or .gguf file.")
+    @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
+    @click.option("--dtype", default="auto", show_default=True, help="auto, float32, bfloat16 or float16.")
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
+DECODING_FLAGS = ("max_new_tokens", "greedy", "temperature", "top_k", "top_p", "min_p", "eps", "num_beams",
+                  "length_penalty", "repetition_penalty", "no_repeat_ngram_size", "stop", "num_samples", "seed")
+
+
+def decoding_options(f):
+    """The decoding flags shared by generate, write and compare (None = the command's default)."""
+    options = [
+        click.option("--max-new-tokens", "-n", type=int, help="Tokens to generate [default: 100]."),
+        click.option("--greedy", is_flag=True, default=None, help="Always take the most likely token."),
+        click.option("--temperature", "-t", type=float, help="Sampling temperature [default: 1.0]."),
+        click.option("--top-k", type=int, help="Sample among the k most likely tokens."),
+        click.option("--top-p", type=float, help="Nucleus sampling threshold, in (0, 1]."),
+        click.option("--min-p", type=float, help="Drop tokens below min_p x the top probability."),
+        click.option("--eps", type=float, help="Epsilon-greedy: take the top token with probability eps, else sample."),
+        click.option("--num-beams", type=int, help="Beam search with this many beams."),
+        click.option("--length-penalty", type=float, help="Beam search length penalty [default: 1.0]."),
+        click.option("--repetition-penalty", type=float, help="> 1 discourages repeating tokens."),
+        click.option("--no-repeat-ngram-size", type=int, help="Never repeat an n-gram of this size."),
+        click.option("--stop", multiple=True, help="Stop at this string (repeatable)."),
+        click.option("--num-samples", type=int, help="Samples per prompt [default: 1]."),
+        click.option("--seed", type=int, help="Random seed; same seed, same text."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def build_decoding(kwargs: dict, **defaults) -> DecodingConfig:
+    """A DecodingConfig from the flags given, the command's defaults, then the dataclass defaults."""
+    values = dict(defaults)
+    for name in DECODING_FLAGS:
+        v = kwargs.pop(name, None)
+        if v is not None and v != ():
+            values[name] = list(v) if name == "stop" else v
+    return DecodingConfig(**values).validate()
+
+
+def _load(model, device, dtype):
+    from .models import load_model
+
+    return load_model(model, device=device, dtype=dtype)
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write a whole file or nothing: an interrupted write never clobbers an old file."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, target)
+
+
+# ------------------------------------------------------------------------------------- generate
+
+
+@main.command()
+@click.argument("prompts", nargs=-1)
+@model_options
+@decoding_options
+@click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False), help="One prompt per line.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per sample per line.")
+@click.option("--trace", is_flag=True, help="Show each step: candidates, chosen token, rank, entropy.")
+@click.option("--trace-top", type=int, default=5, show_default=True, help="Candidates per step in the trace.")
+@click.option("--trace-out", type=click.Path(dir_okay=False), help="Also write the trace to FILE (.csv or .json).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write all samples to FILE.")
+@click.option("--stream/--no-stream", default=None, help="Print tokens as they arrive [default: on a terminal].")
+def generate(prompts, model, device, dtype, prompts_file, as_json, trace, trace_top, trace_out, output, stream,
+             **kwargs):
+    """Continue PROMPTS with the model (reads prompts from stdin when none are given)."""
+    from .decoding.engine import generate as run_generate
+
+    prompts = list(prompts)
+    if prompts_file:
+        prompts += [line for line in Path(prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts and not sys.stdin.isatty():
+        prompts = [line for line in sys.stdin.read().splitlines() if line.strip()]
+    if not prompts:
+        raise UserError("no prompt given: pass PROMPT arguments, --prompts-file or text on stdin")
+    if trace_top < 1:
+        raise UserError(f"--trace-top must be >= 1, got {trace_top}")
+    if trace_out and not trace_out.endswith((".csv", ".json")):
+        raise UserError("--trace-out must end in .csv or .json")
+    cfg = build_decoding(kwargs)
+    if cfg.seed is None:
+        from .decoding.engine import new_seed
+
+        cfg.seed = new_seed()
+    if stream is None:
+        stream = sys.stdout.isatty() and not as_json
+    lm = _load(model, device, dtype)
+    top = trace_top if (trace or trace_out) else 0
+
+    samples = []
+    if stream and not as_json:
+        # Stream one sample at a time; per-sample seeds make this the same text as a batch.
+        for p, prompt in enumerate(prompts):
+            for i in range(cfg.num_samples if cfg.mode != "beam" else 1):
+                if len(prompts) * cfg.num_samples > 1:
+                    click.secho(f"--- prompt {p + 1}, sample {i + 1}", fg="cyan", err=False)
+                click.secho(prompt, bold=True, nl=False)
+                one = DecodingConfig(**{**cfg.__dict__, "seed": cfg.seed + i,
+                                        "num_samples": 1 if cfg.mode != "beam" else cfg.num_samples})
+                got = run_generate(lm, [prompt], one, trace_top=top,
+                                   on_text=lambda row, text: (click.echo(text, nl=False), sys.stdout.flush()))
+                for s in got:
+                    s.prompt_index, s.sample_index, s.seed = p, s.sample_index + i, (cfg.seed + i) if s.seed is not None else None
+                click.echo()
+                samples += got
+                if trace:
+                    for s in got:
+                        print_trace(s)
+    else:
+        samples = run_generate(lm, prompts, cfg, trace_top=top)
+        for s in samples:
+            if as_json:
+                click.echo(json.dumps(s.to_dict(trace=trace), ensure_ascii=False))
+            else:
+                if len(samples) > 1:
+                    click.echo(f"--- prompt {s.prompt_index + 1}, sample {s.sample_index + 1}")
+                click.echo(s.prompt + s.text)
+                if trace:
+                    print_trace(s)
+    if output:
+        if as_json:
+            write_atomic(output, "".join(json.dumps(s.to_dict(trace=trace), ensure_ascii=False) + "\n" for s in samples))
+        else:
+            write_atomic(output, "\n\n".join(s.prompt + s.text for s in samples) + "\n")
+    if trace_out:
+        write_trace(trace_out, samples)
+
+
+def print_trace(sample) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"trace: prompt {sample.prompt_index + 1}, sample {sample.sample_index + 1}",
+                  show_lines=False)
+    for col in ("step", "text so far", "chosen", "prob", "rank", "entropy", "top candidates"):
+        table.add_column(col, justify="right" if col in ("step", "prob", "rank", "entropy") else "left")
+    for n, st in enumerate(sample.steps or [], 1):
+        so_far = (sample.prompt + st.text)[-30:]
+        cands = "  ".join(f"{c['token']!r} {c['prob']:.3f}" for c in st.top)
+        table.add_row(str(n), repr(so_far), repr(st.chosen_token), f"{st.chosen_prob:.3f}", str(st.rank),
+                      f"{st.entropy:.2f}", cands)
+    Console(width=max(140, Console().width)).print(table)
+
+
+def write_trace(path: str, samples) -> None:
+    rows = []
+    for s in samples:
+        for n, st in enumerate(s.steps or [], 1):
+            rows.append({"prompt_index": s.prompt_index, "sample": s.sample_index, "step": n,
+                         "text_so_far": s.prompt + st.text, "chosen_id": st.chosen_id, "chosen_token": st.chosen_token,
+                         "chosen_prob": st.chosen_prob, "rank": st.rank, "entropy": st.entropy, "top": st.top})
+    if path.endswith(".json"):
+        write_atomic(path, json.dumps(rows, ensure_ascii=False, indent=1) + "\n")
+        return
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["prompt_index", "sample", "step", "text_so_far", "chosen_id", "chosen_token", "chosen_prob",
+                     "rank", "entropy", "top"])
+    for r in rows:
+        writer.writerow([r["prompt_index"], r["sample"], r["step"], r["text_so_far"], r["chosen_id"], r["chosen_token"],
+                         f"{r['chosen_prob']:.6f}", r["rank"], f"{r['entropy']:.6f}",
+                         " | ".join(f"{c['token']}:{c['prob']:.6f}" for c in r["top"])])
+    write_atomic(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------------------------------- probe
+
+
+@main.command()
+@click.argument("text")
+@model_options
+@click.option("--top", type=int, default=10, show_default=True, help="How many candidates to show.")
+@click.option("--json", "as_json", is_flag=True, help="A JSON list of {id, token, prob}, most likely first.")
+def probe(text, model, device, dtype, top, as_json):
+    """Show the next-token distribution after TEXT."""
+    from .probe import probe as run_probe
+
+    if top < 1:
+        raise UserError(f"--top must be >= 1, got {top}")
+    lm = _load(model, device, dtype)
+    cands = run_probe(lm, text, top=top)
+    if as_json:
+        click.echo(json.dumps([{"id": c.id, "token": c.token, "prob": c.prob} for c in cands], ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"next token after {text!r}")
+    table.add_column("rank", justify="right")
+    table.add_column("token")
+    table.add_column("id", justify="right")
+    table.add_column("prob", justify="right")
+    table.add_column("")
+    for c in cands:
+        table.add_row(str(c.rank), repr(c.token), str(c.id), f"{c.prob:.4f}", "#" * round(c.prob * 40))
+    Console().print(table)
+
+
+# ---------------------------------------------------------------------------------------- write
+
+
+@main.command()
+@model_options
+@decoding_options
+def write(model, device, dtype, **kwargs):
+    """An interactive writer: type a topic or an opening line, get a long passage.
+
+    An empty line or EOF (Ctrl-D) ends the session; Ctrl-C stops the current passage only.
+    """
+    from .decoding.engine import generate as run_generate, new_seed
+
+    cfg = build_decoding(kwargs, max_new_tokens=300, temperature=0.8, top_p=0.95, repetition_penalty=1.1)
+    lm = _load(model, device, dtype)
+    interactive = sys.stdin.isatty()
+    click.echo(f"styletune write ({lm.name}): type a topic or an opening line; an empty line ends.", err=True)
+    turn = 0
+    while True:
+        try:
+            if interactive:
+                topic = click.prompt("", prompt_suffix="> ", default="", show_default=False)
+            else:
+                click.echo("> ", nl=False, err=True)
+                topic = sys.stdin.readline()
+                if not topic:
+                    break
+                topic = topic.rstrip("\n")
+        except (EOFError, click.exceptions.Abort):
+            break
+        if not topic.strip():
+            break
+        one = DecodingConfig(**{**cfg.__dict__, "num_samples": 1,
+                                "seed": cfg.seed + turn if cfg.seed is not None else new_seed()})
+        turn += 1
+        click.secho(topic, bold=True, nl=False)
+        try:
+            run_generate(lm, [topic], one, on_text=lambda row, t: (click.echo(t, nl=False), sys.stdout.flush()))
+        except KeyboardInterrupt:
+            click.echo(" [stopped]", nl=False)
+        click.echo("\n")
+
+
+# --------------------------------------------------------------------------------------- models
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+def models(as_json):
+    """List the registry's models, what is cached locally and where."""
+    from .models import cache_root, list_models
+
+    rows = list_models()
+    if as_json:
+        click.echo(json.dumps({"cache": str(cache_root()), "models": rows}, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"models (cache: {cache_root()})")
+    for col in ("name", "source", "cached", "path / about"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["source"], "yes" if r["cached"] else "no", r["path"] if r["cached"] else r["about"])
+    Console(width=max(120, Console().width)).print(table)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
