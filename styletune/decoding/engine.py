@@ -216,7 +216,8 @@ def generate(lm, prompts: list[str], cfg: DecodingConfig | None = None, *, trace
             for r, g in enumerate(gens):
                 # Every row draws the same random numbers in every mode, so eps only
                 # decides *which* token, never shifts the random stream.
-                take_best = cfg.mode == "eps" and float(torch.rand((), generator=g)) < cfg.eps
+                u = float(torch.rand((), generator=g))
+                take_best = cfg.mode == "eps" and u < cfg.eps
                 sampled = torch.multinomial(probs[r], 1, generator=g)
                 chosen[r] = greedy_pick[r] if take_best else sampled
             chosen = chosen.to(seq.device)

@@ -1,0 +1,145 @@
+"""Every command through click's CliRunner, including bad input (one line, exit 2)."""
+
+import csv
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from styletune.cli import main
+
+
+@pytest.fixture
+def run():
+    def _run(*args, input=None):
+        return CliRunner().invoke(main, [str(a) for a in args], input=input)
+
+    return _run
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tiny_model_dirs):
+    return str(tiny_model_dirs["gpt2"])
+
+
+def one_line_error(result):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [l for l in result.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_generate_json(run, gpt2_dir):
+    r = run("generate", "Once upon", "The quick", "--model", gpt2_dir, "-n", "6", "--seed", "3",
+            "--num-samples", "2", "--json")
+    assert r.exit_code == 0, r.output
+    objs = [json.loads(l) for l in r.output.splitlines()]
+    assert len(objs) == 4
+    assert [o["prompt"] for o in objs] == ["Once upon", "Once upon", "The quick", "The quick"]
+    for o in objs:
+        assert len(o["token_ids"]) == 6 or o["finish_reason"] != "length"
+        assert isinstance(o["text"], str) and "steps" not in o
+    again = run("generate", "Once upon", "The quick", "--model", gpt2_dir, "-n", "6", "--seed", "3",
+                "--num-samples", "2", "--json")
+    assert again.output == r.output
+
+
+def test_generate_trace_json_and_export(run, gpt2_dir, tmp_path):
+    csv_path, json_path = tmp_path / "trace.csv", tmp_path / "trace.json"
+    r = run("generate", "Once upon", "--model", gpt2_dir, "-n", "5", "--seed", "1", "--json", "--trace",
+            "--trace-top", "3", "--trace-out", csv_path)
+    assert r.exit_code == 0, r.output
+    [obj] = [json.loads(l) for l in r.output.splitlines()]
+    assert len(obj["steps"]) == len(obj["token_ids"]) == 5
+    for step, tid in zip(obj["steps"], obj["token_ids"]):
+        assert set(step) >= {"chosen_id", "chosen_token", "chosen_prob", "rank", "entropy", "top"}
+        assert step["chosen_id"] == tid and len(step["top"]) == 3
+        assert set(step["top"][0]) == {"id", "token", "prob"}
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["chosen_id"]) for r in rows] == obj["token_ids"]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]
+    r = run("generate", "Once upon", "--model", gpt2_dir, "-n", "4", "--seed", "1", "--trace", "--trace-out", json_path)
+    assert r.exit_code == 0 and "top candidates" in r.output
+    assert len(json.loads(json_path.read_text())) == 4
+
+
+def test_generate_plain_output_and_file(run, gpt2_dir, tmp_path):
+    out = tmp_path / "samples.txt"
+    r = run("generate", "Once upon", "--model", gpt2_dir, "-n", "5", "--greedy", "--output", out)
+    assert r.exit_code == 0
+    assert r.output.startswith("Once upon") and out.read_text().startswith("Once upon")
+    assert r.output.strip() == out.read_text().strip()
+
+
+def test_generate_streams(run, gpt2_dir):
+    plain = run("generate", "Once upon", "--model", gpt2_dir, "-n", "8", "--seed", "4", "--no-stream")
+    streamed = run("generate", "Once upon", "--model", gpt2_dir, "-n", "8", "--seed", "4", "--stream")
+    assert streamed.exit_code == 0 and streamed.output == plain.output
+
+
+def test_generate_reads_stdin(run, gpt2_dir):
+    r = run("generate", "--model", gpt2_dir, "-n", "3", "--greedy", "--json", input="Once upon\nThe quick\n")
+    assert [json.loads(l)["prompt"] for l in r.output.splitlines()] == ["Once upon", "The quick"]
+
+
+def test_probe(run, gpt2_dir):
+    r = run("probe", "Once upon", "--model", gpt2_dir, "--top", "5", "--json")
+    assert r.exit_code == 0, r.output
+    cands = json.loads(r.output)
+    assert len(cands) == 5 and set(cands[0]) == {"id", "token", "prob"}
+    probs = [c["prob"] for c in cands]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
+    table = run("probe", "Once upon", "--model", gpt2_dir, "--top", "3")
+    assert table.exit_code == 0 and "rank" in table.output and repr(cands[0]["token"]) in table.output
+
+
+def test_write_loop_until_empty_line(run, gpt2_dir):
+    r = run("write", "--model", gpt2_dir, "-n", "5", "--seed", "1", input="The sea\nA storm\n\nnever reached\n")
+    assert r.exit_code == 0, r.output
+    assert "The sea" in r.output and "A storm" in r.output and "never reached" not in r.output
+
+
+def test_write_ends_at_eof(run, gpt2_dir):
+    r = run("write", "--model", gpt2_dir, "-n", "5", "--seed", "1", input="The sea\n")
+    assert r.exit_code == 0 and "The sea" in r.output
+
+
+def test_models_json(run):
+    r = run("models", "--json")
+    assert r.exit_code == 0
+    data = json.loads(r.output)
+    names = [m["name"] for m in data["models"]]
+    assert "smollm2-135m" in names and "gpt2" in names
+    assert all({"name", "source", "cached", "path"} <= set(m) for m in data["models"])
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["generate", "hi", "--model", "no-such-model"], "unknown model"),
+    (["generate", "hi", "--model", "gpt2"], "not in the local Hugging Face cache"),
+    (["generate", "hi", "--max-new-tokens", "-1"], "--max-new-tokens"),
+    (["generate", "hi", "--top-p", "0"], "--top-p"),
+    (["generate", "hi", "--top-p", "1.5"], "--top-p"),
+    (["generate", "hi", "--eps", "2"], "--eps"),
+    (["generate", "hi", "--dtype", "float8"], "--dtype"),
+    (["probe", "hi", "--top", "0"], "--top"),
+    (["generate", "hi", "--model", "/no/such/dir"], "no model at"),
+])
+def test_bad_input_is_one_line(run, args, needle, gpt2_dir):
+    if "--model" not in args:
+        args = args + ["--model", gpt2_dir]
+    line = one_line_error(run(*args))
+    assert needle in line
+
+
+def test_prompt_longer_than_context(run, gpt2_dir):
+    line = one_line_error(run("generate", "word " * 300, "--model", gpt2_dir, "-n", "5"))
+    assert "context of 128 tokens" in line
+
+
+def test_output_is_not_clobbered_on_error(run, gpt2_dir, tmp_path):
+    out = tmp_path / "keep.txt"
+    out.write_text("precious")
+    one_line_error(run("generate", "word " * 300, "--model", gpt2_dir, "-n", "5", "--output", out))
+    assert out.read_text() == "precious"
