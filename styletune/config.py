@@ -155,3 +155,140 @@ class DataConfig:
     """An explicit validation file (same formats); disables the split."""
     block_size: int = 256
     """Tokens per training example (capped by the model's context)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved as ``config.yaml`` in the run directory."""
+
+    out: str = ""
+    """Run directory (``runs/NAME``)."""
+    model: str = DEFAULT_MODEL
+    """Base model: registry name, hub id, model directory or .gguf file."""
+    method: str = "lora"
+    """``lora`` (adapters through peft) or ``full`` fine-tuning."""
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    lora_dropout: float = 0.05
+    lora_targets: list[str] | None = None
+    """Module names to adapt; default chosen per architecture."""
+    batch_size: int = 8
+    """Blocks per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float | None = None
+    """Peak learning rate; default 1e-3 for LoRA, 5e-5 for full fine-tuning."""
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.05
+    """Share of the steps spent warming the learning rate up linearly."""
+    min_lr_fraction: float = 0.1
+    """Cosine decay ends at lr * min_lr_fraction."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this (0 = off)."""
+    epochs: float | None = None
+    """Passes over the training blocks (default 1 when no other length is given)."""
+    max_steps: int | None = None
+    """Optimizer steps (caps --epochs and --time-budget)."""
+    time_budget: str | None = None
+    """Wall-clock budget like ``10m``, ``90s`` or ``1h``; steps are planned from measured speed."""
+    eval_every: int = 50
+    """Evaluate (validation loss, samples) every N steps, and at the end."""
+    save_every: int = 100
+    """Write a resumable checkpoint every N steps, and at the end."""
+    keep_checkpoints: int = 2
+    """Keep this many newest step checkpoints (best and final are kept apart)."""
+    patience: int | None = None
+    """Stop after this many evaluations without a better validation loss."""
+    eval_prompts: list[str] = dataclasses.field(default_factory=list)
+    """Prompts completed at each evaluation (default: openings of validation documents)."""
+    eval_max_new_tokens: int = 40
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    """Autocast dtype for training: ``auto`` = bf16 where the hardware has it, else fp32."""
+
+    def validate(self) -> "TrainConfig":
+        def bad(msg: str) -> None:
+            raise StyletuneError(msg)
+
+        if not self.out:
+            bad("--out is required: the run directory to write")
+        if self.method not in ("lora", "full"):
+            bad(f"--method must be lora or full, got {self.method}")
+        for name in ("batch_size", "grad_accum", "eval_every", "save_every", "lora_r"):
+            if getattr(self, name) < 1:
+                bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.lr is not None and not self.lr > 0:
+            bad(f"--lr must be > 0, got {self.lr}")
+        if self.epochs is not None and not self.epochs > 0:
+            bad(f"--epochs must be > 0, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            bad(f"--max-steps must be >= 1, got {self.max_steps}")
+        if self.time_budget is not None:
+            parse_duration(self.time_budget)
+        if self.data.block_size < 8:
+            bad(f"--block-size must be >= 8, got {self.data.block_size}")
+        if not 0 <= self.data.val_fraction < 1:
+            bad(f"--val-fraction must be in [0, 1), got {self.data.val_fraction}")
+        if self.patience is not None and self.patience < 1:
+            bad(f"--patience must be >= 1, got {self.patience}")
+        return self
+
+    @property
+    def peak_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1e-3 if self.method == "lora" else 5e-5
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``10m``, ``1.5h``, ``1h30m`` or plain seconds -> seconds."""
+    import re
+
+    s = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        return float(s)
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*(h|m|s)", s)
+    if not parts or "".join(n + u for n, u in parts) != s.replace(" ", ""):
+        raise StyletuneError(f"--time-budget must look like 90s, 10m, 1h or 1h30m, got {text!r}")
+    seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+    if seconds <= 0:
+        raise StyletuneError(f"--time-budget must be positive, got {text!r}")
+    return seconds
+
+
+def train_config_to_dict(cfg: TrainConfig) -> dict:
+    d = to_dict(cfg)
+    d["data"] = to_dict(cfg.data)
+    return d
+
+
+def train_config_from_dict(d: dict) -> TrainConfig:
+    d = dict(d)
+    data = from_dict(DataConfig, d.pop("data", {}) or {})
+    cfg = from_dict(TrainConfig, d)
+    cfg.data = data
+    return cfg
+
+
+def save_yaml(path: str | Path, data: dict) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+def load_yaml(path: str | Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StyletuneError(f"no such config file: {path}") from None
+    except yaml.YAMLError as exc:
+        raise StyletuneError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise StyletuneError(f"{path} does not hold a mapping of options")
+    return data

@@ -44,9 +44,9 @@ REGISTRY: dict[str, dict[str, str]] = {
 def cache_root() -> Path:
     """``$STYLETUNE_CACHE``, else ``$XDG_CACHE_HOME/styletune``, else ``~/.cache/styletune``."""
     if os.environ.get("STYLETUNE_CACHE"):
-        return Path(os.environ["STYLETUNE_CACHE"])
+        return Path(os.environ["STYLETUNE_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "styletune"
+    return Path(base).expanduser() / "styletune"
 
 
 def bundled_gguf() -> Path:
@@ -73,7 +73,8 @@ class ModelSource:
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / "config.yaml").is_file() and (path / "final").is_dir()
+    """A training run (``runs/NAME``) or one of its weights directories."""
+    return (path / "styletune.json").is_file() or (path / "config.yaml").is_file()
 
 
 def resolve(name: str | None) -> ModelSource:

@@ -17,6 +17,7 @@ import torch
 from ..config import DecodingConfig
 from ..errors import StyletuneError
 from .processors import build_processors
+from .strategies import forward_step
 
 TextCallback = Callable[[int, str], None]
 """Called with (sample row, new text) as text arrives."""
@@ -88,12 +89,6 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
         ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
         mask[i, width - len(r):] = 1
     return ids.to(device), mask.to(device)
-
-
-def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that start at 0 on each row's first real token (as transformers does)."""
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.masked_fill(attention_mask == 0, 1)
 
 
 def check_context(lm, prompt_lengths: list[int], max_new_tokens: int) -> None:
@@ -199,10 +194,7 @@ def generate(lm, prompts: list[str], cfg: DecodingConfig | None = None, *, trace
     finish = ["length"] * len(rows)
     done = [False] * len(rows)
 
-    model = lm.model
-    pos = positions(mask)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1, :].float()  # (B, V)
+    logits, cache = forward_step(lm.model, ids, mask)  # (B, V): the whole prompt in one pass
     seq = ids
     for _ in range(cfg.max_new_tokens):
         scores = shaping(seq, logits)
@@ -241,9 +233,7 @@ def generate(lm, prompts: list[str], cfg: DecodingConfig | None = None, *, trace
         nxt = torch.tensor([pad_id if d else t for d, t in zip(done, chosen_list)], device=seq.device)[:, None]
         seq = torch.cat([seq, nxt], dim=1)
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-        pos = pos[:, -1:] + 1
-        out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1, :].float()
+        logits, cache = forward_step(lm.model, nxt, mask, cache)
 
     samples = []
     for r, (p, i) in enumerate(rows):

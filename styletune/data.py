@@ -1,0 +1,910 @@
+"""Training data: read sources -> clean -> split by document -> tokenize -> pack.
+
+The pipeline, one function per stage so each can be tested on its own:
+
+* :func:`read_texts` turns the sources the user named (text files, folders, CSV/TSV,
+  JSON/JSONL, Parquet, a ``datasets`` directory, a hub dataset name) into a list of
+  raw document strings.
+* :func:`clean_texts` applies the cleaning options of :class:`DataConfig` and drops
+  empty and duplicate documents.
+* :func:`split_documents` holds out whole documents for validation, so that no
+  validation text is ever seen, even in part, during training.
+* :func:`prepare_data` tokenises every document, joins them with the EOS token and
+  cuts the stream into fixed-size blocks (no padding anywhere).  The blocks are
+  written once as Arrow files under a cache directory and memory-mapped from there,
+  so a corpus larger than RAM still trains and a second run skips tokenisation.
+
+Every problem the user can fix is raised as :class:`DataError` (a
+:class:`StyletuneError`) with a one-line message.
+"""
+
+from __future__ import annotations
+
+import codecs
+import functools
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+import unicodedata
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import DataConfig
+from .models import cache_root
+from .errors import StyletuneError
+
+if TYPE_CHECKING:  # `datasets` is imported lazily: it is slow to import.
+    import datasets
+
+FORMAT_VERSION = 1
+"""Bump when the cached layout or the packing changes, to invalidate old caches."""
+
+TEXT_EXTENSIONS = {".txt", ".md", ".text"}
+TABLE_EXTENSIONS = {".csv", ".tsv", ".json", ".jsonl", ".parquet"}
+MIN_BLOCK_SIZE = 8
+"""A training block shorter than this teaches the model next to nothing."""
+
+_READ_BATCH = 1000
+"""Rows per batch when reading a table or tokenising (bounds memory, not results)."""
+
+
+class DataError(StyletuneError):
+    """A problem with the training data, reported to the user as one line."""
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_texts(cfg: DataConfig, sources: list[str] | None = None) -> tuple[list[str], dict]:
+    """Read every source into a list of raw document texts.
+
+    ``sources`` defaults to ``cfg.sources``.  Returns the texts and the stats
+    ``{"records", "empty_dropped", "filtered_out", "skipped_files"}``: records kept,
+    empty/missing texts dropped, rows removed by ``cfg.filter``, and the
+    ``(path, reason)`` of every file of a folder skipped as not text.
+    """
+    sources = list(cfg.sources if sources is None else sources)
+    if not sources:
+        raise DataError("no training data given: name at least one file, folder or dataset")
+    _check_encoding(cfg.encoding)
+    filters = _parse_filters(cfg.filter)
+
+    stats: dict[str, Any] = {"records": 0, "empty_dropped": 0, "filtered_out": 0, "skipped_files": []}
+    texts: list[str] = []
+    for source in sources:
+        for value in _read_source(str(source), cfg, filters, stats):
+            if _is_blank(value):
+                stats["empty_dropped"] += 1
+            else:
+                texts.append(value if isinstance(value, str) else str(value))
+    stats["records"] = len(texts)
+
+    if not texts:
+        raise DataError(f"no text found in {', '.join(map(str, sources))}: {_nothing_read_details(stats)}")
+    return texts, stats
+
+
+def _nothing_read_details(stats: dict) -> str:
+    """Why a read produced no text, for the error message."""
+    n_read = stats["records"] + stats["empty_dropped"] + stats["filtered_out"]
+    parts = [f"{n_read} records read", f"{stats['empty_dropped']} empty"]
+    if stats["filtered_out"]:
+        parts.append(f"{stats['filtered_out']} removed by --filter")
+    skipped = stats["skipped_files"]
+    if skipped:
+        path, reason = skipped[0]
+        parts.append(f"{len(skipped)} files skipped (first: {path}: {reason})")
+    return ", ".join(parts)
+
+
+def _is_blank(value: Any) -> bool:
+    """None, NaN (pandas' missing value) or a whitespace-only string."""
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, str) and not value.strip()
+
+
+def _check_encoding(encoding: str) -> None:
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise DataError(f"unknown encoding '{encoding}' (try utf-8, latin-1, cp1252 or utf-16)") from None
+
+
+def _parse_filters(specs: list[str]) -> list[tuple[str, str]]:
+    """``["author=Poe"]`` -> ``[("author", "Poe")]``; splits at the first '='."""
+    filters = []
+    for spec in specs or []:
+        column, sep, value = spec.partition("=")
+        if not sep or not column.strip():
+            raise DataError(f"--filter '{spec}' is not of the form COLUMN=VALUE")
+        filters.append((column.strip(), value))
+    return filters
+
+
+def _read_source(source: str, cfg: DataConfig, filters: list[tuple[str, str]], stats: dict) -> list:
+    """The raw text values (possibly None/NaN) of one source, dispatched on its kind."""
+    path = Path(source).expanduser()
+    column = cfg.column or cfg.field or "text"  # --field is the JSON spelling of --column
+    if path.is_dir():
+        if _is_saved_dataset(path):
+            return _table_texts(_load_saved_dataset(path, cfg.split), source, column, "column", filters, stats)
+        return _read_folder(path, cfg, filters, stats)
+
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in (".csv", ".tsv"):
+            ds = _load_csv(path, source, cfg.encoding, sep="\t" if suffix == ".tsv" else ",")
+            return _table_texts(ds, source, column, "column", filters, stats)
+        if suffix in (".json", ".jsonl"):
+            ds = _load_json(path, source, cfg.encoding)
+            return _table_texts(ds, source, cfg.field or cfg.column or "text", "field", filters, stats)
+        if suffix == ".parquet":
+            ds = _load_with_datasets("from_parquet", path, source)
+            return _table_texts(ds, source, column, "column", filters, stats)
+        # .txt/.md/.text, and any other extension: the whole file is one document.
+        _refuse_filters_on_text(filters, source)
+        try:
+            return [_decode_file(path, cfg.encoding)]
+        except _NotText as e:
+            raise DataError(f"{source} {e.explanation}") from None
+
+    if _looks_like_path(source):
+        raise DataError(f"no such file or directory: {source}")
+    return _table_texts(_load_hub_dataset(source, cfg), source, column, "column", filters, stats)
+
+
+def _looks_like_path(source: str) -> bool:
+    """Whether a missing source was meant as a local path rather than a hub name.
+
+    Hub names are ``name`` or ``owner/name``; anything with a file extension we read,
+    a leading ``.``, ``/`` or ``~``, or deeper nesting is taken as a path.
+    """
+    return (
+        Path(source).suffix.lower() in TEXT_EXTENSIONS | TABLE_EXTENSIONS
+        or source.startswith((".", "/", "~"))
+        or source.count("/") > 1
+        or "\\" in source
+    )
+
+
+def _refuse_filters_on_text(filters: list[tuple[str, str]], source: str) -> None:
+    # Silently ignoring --filter would train on text the user meant to exclude.
+    if filters:
+        raise DataError(f"--filter needs a table (CSV, JSON, Parquet or a dataset), but {source} is plain text")
+
+
+# ---- plain text files and folders
+
+
+class _NotText(Exception):
+    """A file that cannot be read as text in the requested encoding."""
+
+    def __init__(self, reason: str, explanation: str):
+        super().__init__(reason)
+        self.reason = reason  # short, for the list of skipped files
+        self.explanation = explanation  # follows the file name in an error message
+
+
+def _decode_file(path: Path, encoding: str) -> str:
+    """A whole file as text; raises :class:`_NotText` for binary or mis-encoded files."""
+    data = path.read_bytes()
+    # A NUL never occurs in real text but starts almost every binary format.  Check
+    # the bytes first, so that an image is reported as binary rather than as
+    # mis-encoded; UTF-16/32 text is full of NUL bytes, so for those check the text.
+    wide = codecs.lookup(encoding).name.startswith(("utf-16", "utf-32"))
+    if not wide and b"\x00" in data:
+        raise _NotText("binary (contains NUL bytes)", _BINARY_EXPLANATION)
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as e:
+        reason = f"not valid {encoding} at byte {e.start}"
+        raise _NotText(reason, f"is not valid {encoding} at byte {e.start}; {_encoding_hint(encoding)}") from None
+    if wide and "\x00" in text:
+        raise _NotText("binary (contains NUL bytes)", _BINARY_EXPLANATION)
+    return text.removeprefix("\ufeff")  # a byte-order mark is not part of the text
+
+
+_BINARY_EXPLANATION = "looks like a binary file (it contains NUL bytes), not text; if it is UTF-16 pass --encoding utf-16"
+
+
+def _encoding_hint(encoding: str) -> str:
+    if codecs.lookup(encoding).name == "iso8859-1":
+        return "pass --encoding with the file's real encoding"
+    return "pass --encoding latin-1 if that is its encoding"
+
+
+def _read_folder(folder: Path, cfg: DataConfig, filters: list[tuple[str, str]], stats: dict) -> list[str]:
+    """Each text file under ``folder`` matching ``cfg.glob`` is one document.
+
+    Files that are not text are skipped with a warning and recorded in
+    ``stats["skipped_files"]``: a folder of someone's writing often holds the odd
+    image or PDF, and that should not stop training on the rest.
+    """
+    _refuse_filters_on_text(filters, str(folder))
+    files = _folder_files(folder, cfg.glob)
+    if not files:
+        raise DataError(f"no files match --glob '{cfg.glob}' in {folder}")
+    texts = []
+    for file in files:
+        try:
+            texts.append(_decode_file(file, cfg.encoding))
+        except _NotText as e:
+            warnings.warn(f"skipping {file}: {e.reason}", stacklevel=4)  # point at the caller of read_texts
+            stats["skipped_files"].append((str(file), e.reason))
+    return texts
+
+
+def _folder_files(folder: Path, pattern: str) -> list[Path]:
+    """Files under ``folder`` matching ``pattern``, sorted, hidden ones left out.
+
+    A pattern without '/' (``*.txt``) matches at any depth, so the folder is always
+    read recursively.  Hidden files and folders (``.git``, ``.DS_Store``) are never
+    documents, so they are skipped quietly.
+    """
+    matches = folder.rglob(pattern) if "/" not in pattern else folder.glob(pattern)
+    files = []
+    for p in matches:
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts):
+            files.append(p)
+    return sorted(files)
+
+
+# ---- tables: CSV, JSON, Parquet, datasets directories, hub datasets
+
+
+def _load_with_datasets(method: str, path: Path, source: str, **kwargs) -> "datasets.Dataset":
+    """``Dataset.from_csv/from_json/from_parquet``, converted once to memory-mapped Arrow.
+
+    The Arrow copy is kept in styletune's cache (not ~/.cache/huggingface), keyed by
+    ``datasets`` on the file's path and modification time.
+    """
+    import datasets
+
+    loader = getattr(datasets.Dataset, method)
+    try:
+        return loader(str(path), cache_dir=str(cache_root() / "datasets"), **kwargs)
+    except Exception as e:  # pandas/pyarrow/datasets raise many types; all mean "unreadable"
+        encoding = kwargs.get("encoding")
+        if encoding:
+            offset = _first_undecodable_byte(path, encoding)
+            if offset is not None:
+                raise DataError(f"{source} is not valid {encoding} at byte {offset}; {_encoding_hint(encoding)}") from None
+        raise DataError(f"could not read {source}: {_first_line(e)}") from None
+
+
+def _load_csv(path: Path, source: str, encoding: str, sep: str) -> "datasets.Dataset":
+    """A CSV/TSV file with every column read as a string.
+
+    Strings everywhere keep --filter predictable (a ``year`` column with a gap would
+    otherwise become float, and ``year=1845`` would not match ``1845.0``), and keep
+    texts that happen to look like numbers.  Only empty cells count as missing,
+    so a text that is literally "NA" or "None" survives.
+    """
+    import datasets
+
+    header = _csv_header(path, source, encoding, sep)
+    features = datasets.Features({name: datasets.Value("string") for name in header})
+    return _load_with_datasets("from_csv", path, source, features=features, sep=sep, encoding=encoding,
+                               keep_default_na=False, na_values=[""])
+
+
+def _csv_header(path: Path, source: str, encoding: str, sep: str) -> list[str]:
+    import csv
+
+    try:
+        with open(path, encoding=encoding, newline="") as f:
+            header = next(csv.reader(f, delimiter=sep), None)
+    except UnicodeDecodeError:
+        offset = _first_undecodable_byte(path, encoding)
+        raise DataError(f"{source} is not valid {encoding} at byte {offset}; {_encoding_hint(encoding)}") from None
+    if not header:
+        raise DataError(f"{source} is empty (expected a header row naming the columns)")
+    if len(set(header)) != len(header):
+        raise DataError(f"{source} has duplicate column names in its header: {', '.join(header)}")
+    return header
+
+
+def _load_json(path: Path, source: str, encoding: str) -> "datasets.Dataset":
+    """JSON lines, or a JSON list of objects (``datasets`` reads both)."""
+    if path.stat().st_size == 0:
+        raise DataError(f"{source} is empty")
+    return _load_with_datasets("from_json", path, source, encoding=encoding)
+
+
+def _first_undecodable_byte(path: Path, encoding: str, chunk_size: int = 1 << 20) -> int | None:
+    """Byte offset of the first byte ``encoding`` cannot decode, or None; streams the file."""
+    decoder = codecs.getincrementaldecoder(encoding)()
+    consumed = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            pending = len(decoder.getstate()[0])  # bytes held back from the previous chunk
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                return consumed - pending + e.start
+            consumed += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as e:
+            return consumed - len(decoder.getstate()[0]) + e.start
+    return None
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    """Whether ``path`` is the output of ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    return (path / "dataset_dict.json").is_file() or (
+        (path / "dataset_info.json").is_file() and (path / "state.json").is_file()
+    )
+
+
+def _load_saved_dataset(path: Path, split: str | None) -> "datasets.Dataset":
+    """A ``save_to_disk`` directory, with ``split`` (default ``train``) and its slicing applied.
+
+    ``load_from_disk`` knows no split syntax, so ``train[:10%]`` is resolved with
+    ``datasets.ReadInstruction`` (the same rules as ``load_dataset``) and applied with
+    contiguous ``select``s, which stay memory-mapped.  A single saved Dataset answers
+    to any split name.
+    """
+    import datasets
+
+    spec = split or "train"
+    try:
+        instruction = datasets.ReadInstruction.from_spec(spec)
+    except (ValueError, AssertionError) as e:
+        raise DataError(f"bad --split '{spec}': {_first_line(e)}") from None
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise DataError(f"could not load the dataset in {path}: {_first_line(e)}") from None
+
+    if isinstance(loaded, datasets.DatasetDict):
+        by_name = dict(loaded)
+    else:
+        by_name = {name: loaded for name in _split_names(spec)}
+    for name in _split_names(spec):
+        if name not in by_name:
+            raise DataError(f"split '{name}' not found in {path}; splits are: {', '.join(by_name)}")
+
+    try:
+        ranges = instruction.to_absolute({name: len(ds) for name, ds in by_name.items()})
+    except (ValueError, AssertionError) as e:
+        raise DataError(f"bad --split '{spec}': {_first_line(e)}") from None
+    parts = [by_name[r.splitname].select(range(r.from_, r.to)) for r in ranges]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _split_names(spec: str) -> list[str]:
+    """``"train[:10%]+test"`` -> ``["train", "test"]``."""
+    return [part.split("[")[0].strip() for part in spec.split("+")]
+
+
+def _load_hub_dataset(name: str, cfg: DataConfig) -> "datasets.Dataset":
+    """A dataset from the Hugging Face hub (or its local cache when offline)."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, cfg.config, split=cfg.split or "train")
+    except Exception as e:  # offline, not found, gated, bad config... all one line for the user
+        raise DataError(
+            f"dataset '{name}' could not be loaded (it is not a local file or folder either): {_first_line(e)}"
+        ) from None
+
+
+def _table_texts(ds: "datasets.Dataset", where: str, column: str, kind: str,
+                 filters: list[tuple[str, str]], stats: dict) -> list:
+    """The values of ``column`` in the rows of ``ds`` that pass every filter.
+
+    Reads in batches of only the needed columns; nothing is written next to the
+    user's data (unlike ``Dataset.filter``, which writes an indices file).
+    """
+    columns = list(ds.column_names)
+    listing = f"{kind}s are: {', '.join(columns)}"
+    for col, _ in filters:
+        if col not in columns:
+            raise DataError(f"--filter column '{col}' not found in {where}; {listing}")
+    if column not in columns:
+        raise DataError(f"{kind} '{column}' not found in {where}; {listing}")
+
+    needed = list(dict.fromkeys([column] + [col for col, _ in filters]))
+    values = []
+    for batch in ds.select_columns(needed).iter(batch_size=_READ_BATCH):
+        for i, value in enumerate(batch[column]):
+            if all(str(batch[col][i]) == want for col, want in filters):
+                values.append(value)
+            else:
+                stats["filtered_out"] += 1
+    return values
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+# --------------------------------------------------------------------------- cleaning
+
+
+_GUTENBERG_START = re.compile(r"^\*{3}\s*START OF (?:THE|THIS) PROJECT GUTENBERG E-?BOOK[^\n]*$\n?", re.I | re.M)
+_GUTENBERG_END = re.compile(r"^\*{3}\s*END OF (?:THE|THIS) PROJECT GUTENBERG E-?BOOK", re.I | re.M)
+_SPACES = re.compile(r"[^\S\n]+")  # any whitespace except newline
+_BLANK_LINES = re.compile(r"\n{3,}")
+
+
+def clean_texts(texts: list[str], cfg: DataConfig) -> tuple[list[str], dict]:
+    """Apply the cleaning options of ``cfg`` to every text, in a fixed order.
+
+    Gutenberg stripping, NFC normalisation, control characters, whitespace, ASCII;
+    then texts left empty are dropped and exact duplicates removed (first kept).
+    Returns the texts and ``{"duplicates": n, "emptied": n}``.
+    """
+    cleaned = []
+    emptied = 0
+    for text in texts:
+        text = clean_text(text, cfg)
+        if text.strip():
+            cleaned.append(text)
+        else:
+            emptied += 1
+
+    duplicates = 0
+    if cfg.dedupe:
+        unique = list(dict.fromkeys(cleaned))  # dicts keep insertion order: first copy wins
+        duplicates = len(cleaned) - len(unique)
+        cleaned = unique
+    return cleaned, {"duplicates": duplicates, "emptied": emptied}
+
+
+def clean_text(text: str, cfg: DataConfig) -> str:
+    """One text through the cleaning steps enabled in ``cfg``."""
+    if cfg.strip_gutenberg:
+        text = strip_gutenberg(text)
+    if cfg.normalize:
+        text = unicodedata.normalize("NFC", text)
+    if cfg.strip_control:
+        text = strip_control(text)
+    if cfg.collapse_whitespace:
+        text = collapse_whitespace(text)
+    if cfg.ascii_only:
+        text = text.encode("ascii", "ignore").decode("ascii")
+        if cfg.collapse_whitespace:
+            # Dropping "—" from "a — b" leaves two spaces; tidy up again.
+            text = collapse_whitespace(text)
+    return text
+
+
+def strip_gutenberg(text: str) -> str:
+    """Remove a Project Gutenberg header (through the ``*** START OF ...`` line) and
+    footer (from the ``*** END OF ...`` line on); texts without them are unchanged."""
+    start = _GUTENBERG_START.search(text)
+    if start:
+        text = text[start.end():]
+    end = _GUTENBERG_END.search(text)
+    if end:
+        text = text[:end.start()]
+    return text
+
+
+@functools.cache
+def _control_chars() -> dict[int, None]:
+    """A ``str.translate`` table deleting every Cc/Cf character except newline and tab.
+
+    Built once by scanning all of Unicode (~0.2 s): Cf is scattered over many blocks,
+    and ``re`` has no ``\\p{Cc}``.
+    """
+    import sys
+
+    return {
+        cp: None
+        for cp in range(sys.maxunicode + 1)
+        if unicodedata.category(chr(cp)) in ("Cc", "Cf") and chr(cp) not in "\n\t"
+    }
+
+
+def strip_control(text: str) -> str:
+    """Remove control and format characters, keeping newlines and tabs.
+
+    Windows (CRLF) and old Mac (CR) line ends become newlines first: deleting the CR
+    of a lone-CR file would join all its lines into one.
+    """
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text.translate(_control_chars())
+
+
+def collapse_whitespace(text: str) -> str:
+    """One space for each run of spaces/tabs in a line, lines trimmed, at most one
+    blank line in a row, and no leading or trailing whitespace."""
+    lines = (_SPACES.sub(" ", line).strip() for line in text.split("\n"))
+    return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
+
+
+# --------------------------------------------------------------------------- splitting
+
+
+def split_documents(texts: list[str], val_fraction: float, min_val_docs: int, seed: int) -> tuple[list[str], list[str]]:
+    """Hold out whole documents for validation; returns ``(train, val)``.
+
+    ``max(min_val_docs, round(len(texts) * val_fraction))`` documents, chosen by a
+    shuffle seeded with ``seed``, always leaving at least one for training; both
+    lists keep the corpus order.  A single document is instead cut at a paragraph
+    (or line, sentence, word) boundary near its end, so even a one-file corpus gets
+    a validation set; ``val_fraction == 0`` means no validation set.
+    """
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"--val-fraction must be at least 0 and below 1, got {val_fraction}")
+    if min_val_docs < 0:
+        raise DataError(f"--min-val-docs must be >= 0, got {min_val_docs}")
+    texts = list(texts)
+    if val_fraction == 0 or not texts:
+        return texts, []
+    if len(texts) == 1:
+        return _split_one_document(texts[0], val_fraction)
+
+    n_val = min(max(min_val_docs, round(len(texts) * val_fraction)), len(texts) - 1)
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    val_idx = set(order[:n_val])
+    train = [t for i, t in enumerate(texts) if i not in val_idx]
+    val = [t for i, t in enumerate(texts) if i in val_idx]
+    return train, val
+
+
+# Boundaries to cut a lone document at, best first.
+_CUT_POINTS = [re.compile(r"\n\s*\n"), re.compile(r"\n"), re.compile(r"(?<=[.!?])\s+"), re.compile(r"\s+")]
+
+
+def _split_one_document(text: str, val_fraction: float) -> tuple[list[str], list[str]]:
+    """Cut one text so that about ``val_fraction`` of it, from the end, is validation.
+
+    Takes the best kind of boundary that has a cut close enough to the target (the
+    validation part at most twice the wanted size), else the nearest whitespace.
+    """
+    target = round(len(text) * (1 - val_fraction))
+    window = max(1, len(text) - target)
+    best = None
+    for pattern in _CUT_POINTS:
+        cuts = [m for m in pattern.finditer(text) if text[:m.start()].strip() and text[m.end():].strip()]
+        if not cuts:
+            continue
+        nearest = min(cuts, key=lambda m: abs(m.start() - target))
+        if best is None:
+            best = nearest  # fallback: the best kind of boundary that exists at all
+        if abs(nearest.start() - target) <= window:
+            best = nearest
+            break
+    if best is None:
+        return [text], []
+    return [text[:best.start()].strip()], [text[best.end():].strip()]
+
+
+# --------------------------------------------------------------------------- tokenising and packing
+
+
+@dataclass
+class PreparedData:
+    """Tokenised, packed data ready for training.
+
+    ``train`` has one column ``input_ids`` whose rows are exactly ``block_size`` token
+    ids (torch format).  ``val`` is the same, or a single shorter block when the
+    validation text has fewer tokens than a block, or None without validation text.
+    """
+
+    train: "datasets.Dataset"
+    val: "datasets.Dataset | None"
+    block_size: int
+    summary: dict
+    cache_key: str
+
+
+def prepare_data(cfg: DataConfig, tokenizer, seed: int = 0, max_block_size: int | None = None,
+                 cache_dir: str | Path | None = None) -> PreparedData:
+    """Read, clean, split, tokenise and pack ``cfg``'s data, using the cache when it can.
+
+    Each document is tokenised without special tokens and followed by EOS; the
+    documents are concatenated and cut into blocks of ``cfg.block_size`` (the
+    remainder is dropped).  When the training text is shorter than one block the
+    block shrinks to the largest power of two that fits.  Results are cached under
+    ``cache_dir/<key>`` (default ``cache_root()/"data"/<key>``).
+    """
+    block_size = _check_block_size(cfg.block_size, max_block_size)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no end-of-text (EOS) token to separate documents with")
+
+    texts, read_stats = read_texts(cfg)
+    docs, clean_stats = clean_texts(texts, cfg)
+    if not docs:
+        raise DataError(f"no text left after cleaning: all {len(texts)} records became empty")
+    notes: list[str] = []
+    if cfg.val:
+        val_raw, val_read = read_texts(cfg, [cfg.val])
+        val_texts, val_clean = clean_texts(val_raw, cfg)
+        train_texts = docs
+        read_stats = _add_stats(read_stats, val_read)
+        clean_stats = _add_stats(clean_stats, val_clean)
+        all_docs = docs + val_texts
+    else:
+        train_texts, val_texts = split_documents(docs, cfg.val_fraction, cfg.min_val_docs, seed)
+        all_docs = docs
+        if len(docs) == 1 and val_texts:
+            notes.append(f"only one document: its last {len(val_texts[0]):,} characters are the validation set")
+        elif len(docs) == 1 and cfg.val_fraction > 0:
+            notes.append("the only document could not be split, so there is no validation set")
+
+    key = _cache_key(train_texts, val_texts, tokenizer, block_size, eos)
+    target = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "data"
+    target = target / key
+    meta = _read_cache_meta(target)
+    cached = meta is not None
+    if not cached:
+        meta = _build_cache(target, train_texts, val_texts, tokenizer, eos, block_size)
+
+    train = _open_blocks(target / "train.arrow")
+    val = _open_blocks(target / "val.arrow") if meta["val_blocks"] else None
+    summary = {
+        "records": len(all_docs),
+        "characters": sum(map(len, train_texts)) + sum(map(len, val_texts)),
+        "tokens": meta["train_tokens"] + meta["val_tokens"],
+        "train_tokens": meta["train_tokens"],
+        "val_tokens": meta["val_tokens"],
+        "train_docs": len(train_texts),
+        "val_docs": len(val_texts),
+        "duplicates": clean_stats["duplicates"],
+        "empty_dropped": read_stats["empty_dropped"] + clean_stats["emptied"],
+        "filtered_out": read_stats["filtered_out"],
+        "shortest_chars": min(map(len, all_docs)),
+        "longest_chars": max(map(len, all_docs)),
+        "block_size": meta["block_size"],
+        "train_blocks": meta["train_blocks"],
+        "val_blocks": meta["val_blocks"],
+        "skipped_files": read_stats["skipped_files"],
+        "notes": notes + meta["notes"],
+        "cached": cached,
+    }
+    return PreparedData(train=train, val=val, block_size=meta["block_size"], summary=summary, cache_key=key)
+
+
+def _check_block_size(block_size: int, max_block_size: int | None) -> int:
+    if not isinstance(block_size, int) or block_size < 1:
+        raise DataError(f"--block-size must be a positive integer, got {block_size}")
+    if max_block_size is not None and block_size > max_block_size:
+        raise DataError(f"--block-size {block_size} is larger than the model's context ({max_block_size} tokens)")
+    return block_size
+
+
+def _add_stats(a: dict, b: dict) -> dict:
+    """Sum two stats dicts key by key (lists are concatenated)."""
+    return {k: a[k] + b[k] for k in a}
+
+
+def _fit_block_size(block_size: int, train_tokens: int) -> tuple[int, list[str]]:
+    """The block size to use, shrunk to a power of two if the text is shorter than a block."""
+    if train_tokens >= block_size:
+        return block_size, []
+    if train_tokens < MIN_BLOCK_SIZE:
+        raise DataError(f"the training text has only {train_tokens} tokens; at least {MIN_BLOCK_SIZE} are needed")
+    shrunk = 1 << (train_tokens.bit_length() - 1)  # largest power of two <= train_tokens
+    return shrunk, [f"the training text has only {train_tokens:,} tokens, fewer than --block-size "
+                    f"{block_size}; using blocks of {shrunk} tokens"]
+
+
+def _cache_key(train: list[str], val: list[str], tokenizer, block_size: int, eos: int) -> str:
+    """sha256 over everything the packed blocks depend on.
+
+    The cleaned texts already reflect every reading, cleaning and split option (and
+    the seed), so those need not be hashed separately.  Each piece is
+    length-prefixed so that different inputs can never hash the same bytes.
+    """
+    h = hashlib.sha256()
+
+    def add(piece: str) -> None:
+        data = piece.encode("utf-8", "surrogatepass")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+
+    for piece in (f"styletune-data-v{FORMAT_VERSION}", type(tokenizer).__name__,
+                  str(getattr(tokenizer, "name_or_path", "")), str(len(tokenizer)),
+                  _vocab_hash(tokenizer), str(block_size), str(eos), f"train {len(train)}"):
+        add(piece)
+    for text in train:
+        add(text)
+    add(f"val {len(val)}")
+    for text in val:
+        add(text)
+    return h.hexdigest()
+
+
+def _vocab_hash(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def _read_cache_meta(target: Path) -> dict | None:
+    """The metadata of a complete cache entry at ``target``, or None (removing a bad one)."""
+    try:
+        meta = json.loads((target / "meta.json").read_text())
+        if isinstance(meta, dict) and meta.get("format") == FORMAT_VERSION and (target / "train.arrow").is_file():
+            return meta
+    except (OSError, ValueError):
+        if not target.exists():
+            return None
+    # Unreadable or from another format version: rebuild it.
+    shutil.rmtree(target, ignore_errors=True)
+    return None
+
+
+def _build_cache(target: Path, train_texts: list[str], val_texts: list[str], tokenizer, eos: int,
+                 block_size: int) -> dict:
+    """Tokenise and pack into a temporary directory, then move it to ``target`` atomically.
+
+    Everything is written next to ``target`` (same file system) and renamed with
+    ``os.replace``, so a run killed half-way leaves no half-written cache entry.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_dirs(target.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name[:16]}-", dir=target.parent))
+    try:
+        train_docs = _tokenize(train_texts, tokenizer, eos, tmp / "train-docs.arrow")
+        train_tokens = _count_tokens(train_docs)
+        block_size, notes = _fit_block_size(block_size, train_tokens)
+        train_blocks = _pack(train_docs, block_size, tmp / "train.arrow")
+
+        val_tokens = val_blocks = 0
+        if val_texts:
+            val_docs = _tokenize(val_texts, tokenizer, eos, tmp / "val-docs.arrow")
+            val_tokens = _count_tokens(val_docs)
+            # Fewer tokens than a block: one shorter block, so a tiny corpus still validates.
+            val_blocks = _pack(val_docs, min(block_size, val_tokens), tmp / "val.arrow")
+            del val_docs
+        del train_docs
+        for name in ("train-docs.arrow", "val-docs.arrow"):
+            (tmp / name).unlink(missing_ok=True)
+
+        meta = {"format": FORMAT_VERSION, "block_size": block_size, "train_tokens": train_tokens,
+                "val_tokens": val_tokens, "train_blocks": train_blocks, "val_blocks": val_blocks, "notes": notes}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another run with the same inputs finished first; its entry is identical.
+            if _read_cache_meta(target) is None:
+                raise
+        return meta
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale_temp_dirs(root: Path, max_age_s: float = 24 * 3600) -> None:
+    """Delete temporary directories that killed runs left behind (older than a day)."""
+    now = time.time()
+    for tmp in root.glob(".tmp-*"):
+        try:
+            if now - tmp.stat().st_mtime > max_age_s:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _tokenize(texts: list[str], tokenizer, eos: int, path: Path) -> "datasets.Dataset":
+    """One row of token ids per document, EOS appended, written to ``path`` by ``Dataset.map``."""
+    import datasets
+
+    def encode(batch: dict) -> dict:
+        # No special tokens: a BOS/EOS pair around each document would differ between
+        # tokenizers; one EOS after each document is the only separator.
+        ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
+        return {"input_ids": [doc + [eos] for doc in ids]}
+
+    docs = datasets.Dataset.from_dict({"text": texts})
+    return docs.map(
+        encode,
+        batched=True,
+        batch_size=_READ_BATCH,
+        remove_columns=["text"],
+        features=datasets.Features({"input_ids": datasets.List(datasets.Value("int32"))}),
+        cache_file_name=str(path),
+        # The file lives in a fresh temp dir, so no fingerprint (which would hash the
+        # tokenizer, slowly) is needed to tell it apart.
+        new_fingerprint=path.stem,
+        desc="Tokenizing",
+    )
+
+
+def _count_tokens(docs: "datasets.Dataset") -> int:
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(docs.data.column("input_ids"))
+    return int(pc.sum(lengths).as_py() or 0)
+
+
+def _pack(docs: "datasets.Dataset", block_size: int, path: Path) -> int:
+    """Concatenate the documents' ids and write them as rows of exactly ``block_size``.
+
+    Like transformers' ``run_clm`` ``group_texts``, but the leftover of each batch is
+    carried into the next instead of dropped, so the blocks are exactly the start of
+    the full token stream; only the final remainder is dropped.  Rows are written
+    straight to an Arrow stream file, one batch at a time, so memory stays bounded.
+    Returns the number of blocks.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    schema = pa.schema([("input_ids", pa.list_(pa.int32(), block_size))])
+    carry = np.empty(0, dtype=np.int32)
+    n_blocks = 0
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for batch in docs.with_format("arrow").iter(batch_size=_READ_BATCH):
+            flat = batch.column("input_ids").combine_chunks().flatten().to_numpy()
+            stream = np.concatenate([carry, flat])
+            n = len(stream) // block_size
+            if n:
+                ids = pa.FixedSizeListArray.from_arrays(pa.array(stream[: n * block_size]), block_size)
+                writer.write_batch(pa.record_batch([ids], schema=schema))
+                n_blocks += n
+            carry = stream[n * block_size:]
+    return n_blocks
+
+
+def _open_blocks(path: Path) -> "datasets.Dataset":
+    """A packed block file, memory-mapped, as torch tensors (int64 ids)."""
+    import datasets
+
+    ds = datasets.Dataset.from_file(str(path))
+    ds.set_format("torch", columns=["input_ids"])
+    return ds
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def format_summary(summary: dict) -> str:
+    """A few human-readable lines describing prepared data, for the CLI."""
+    s = summary
+    lines = [
+        f"{s['records']:,} records, {s['characters']:,} characters, {s['tokens']:,} tokens "
+        f"({s['train_tokens']:,} train / {s['val_tokens']:,} val)"
+    ]
+    dropped = []
+    if s.get("duplicates"):
+        dropped.append(_plural(s["duplicates"], "duplicate"))
+    if s.get("empty_dropped"):
+        dropped.append(_plural(s["empty_dropped"], "empty record"))
+    if s.get("filtered_out"):
+        dropped.append(f"{s['filtered_out']:,} filtered out")
+    if dropped:
+        lines.append(f"{_join_and(dropped)} dropped")
+    lines.append(f"shortest {s['shortest_chars']:,} chars, longest {s['longest_chars']:,} chars")
+    blocks = f"{_plural(s['train_blocks'], 'train block')} of {s['block_size']} tokens"
+    if s.get("val_blocks"):
+        blocks += f", {_plural(s['val_blocks'], 'validation block')}"
+    else:
+        blocks += ", no validation set"
+    if s.get("cached"):
+        blocks += " (from cache)"
+    lines.append(blocks)
+    skipped = s.get("skipped_files") or []
+    if skipped:
+        shown = "; ".join(f"{path} ({reason})" for path, reason in skipped[:3])
+        more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        lines.append(f"skipped {_plural(len(skipped), 'file')}: {shown}{more}")
+    lines.extend(f"note: {note}" for note in s.get("notes", []))
+    return "\n".join(lines)
+
+
+def _join_and(items: list[str]) -> str:
+    """``["a", "b", "c"]`` -> ``"a, b and c"``."""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
