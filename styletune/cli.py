@@ -300,6 +300,114 @@ def write(model, device, dtype, **kwargs):
         click.echo("\n")
 
 
+# ---------------------------------------------------------------------------------------- train
+
+# CLI option -> TrainConfig attribute, and -> DataConfig attribute.  Options left
+# unset (None) keep the value from --config / the resumed run / the defaults.
+TRAIN_OPTIONS = ("model", "out", "method", "batch_size", "grad_accum", "lr", "epochs", "max_steps", "time_budget",
+                 "eval_every", "save_every", "keep_checkpoints", "seed", "device", "dtype", "lora_r", "lora_alpha",
+                 "lora_dropout", "patience", "weight_decay", "warmup_fraction", "eval_max_new_tokens")
+DATA_OPTIONS = ("column", "field", "split", "val_fraction", "val", "block_size", "glob", "encoding", "ascii_only",
+                "strip_gutenberg", "dedupe", "normalize")
+
+
+@main.command()
+@click.argument("data", nargs=-1)
+@click.option("--config", "config_value", help="A run's config.yaml to re-run (values given here override it); "
+              "any other value is the hub dataset's configuration name.")
+@click.option("--model", "-m", help=f"Base model [default: {DEFAULT_MODEL}].")
+@click.option("--out", "-o", help="Run directory to write, e.g. runs/poe.")
+@click.option("--method", type=click.Choice(["lora", "full"]), help="LoRA adapters or full fine-tuning [default: lora].")
+@click.option("--column", help="CSV/TSV/Parquet/datasets column with the text [default: text].")
+@click.option("--field", help="JSON/JSONL field with the text [default: text].")
+@click.option("--split", help="Dataset split, e.g. 'train[:1%]'.")
+@click.option("--dataset-config", help="Hub dataset configuration name (same as a non-YAML --config).")
+@click.option("--filter", "filters", multiple=True, help="Keep rows where COL=VALUE (repeatable).")
+@click.option("--glob", help="Files to read from a folder [default: **/*].")
+@click.option("--encoding", help="Encoding of text and CSV files [default: utf-8].")
+@click.option("--ascii-only/--no-ascii-only", default=None, help="Drop non-ASCII characters.")
+@click.option("--strip-gutenberg/--no-strip-gutenberg", default=None, help="Remove Project Gutenberg headers/footers.")
+@click.option("--dedupe/--no-dedupe", default=None, help="Drop exact duplicate records [default: on].")
+@click.option("--normalize/--no-normalize", default=None, help="Unicode NFC normalisation [default: on].")
+@click.option("--val-fraction", type=float, help="Share of documents held out for validation [default: 0.1].")
+@click.option("--val", help="An explicit validation file instead of a split.")
+@click.option("--block-size", type=int, help="Tokens per training block [default: 256].")
+@click.option("--batch-size", type=int, help="Blocks per micro-batch [default: 8].")
+@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step [default: 1].")
+@click.option("--lr", type=float, help="Peak learning rate [default: 1e-3 LoRA, 5e-5 full].")
+@click.option("--weight-decay", type=float, help="AdamW weight decay [default: 0.01].")
+@click.option("--warmup-fraction", type=float, help="Share of steps for linear warm-up [default: 0.05].")
+@click.option("--epochs", type=float, help="Passes over the data [default: 1 if no other length is given].")
+@click.option("--max-steps", type=int, help="Optimizer steps (caps the others).")
+@click.option("--time-budget", help="Wall-clock budget, e.g. 10m; steps are planned from measured speed.")
+@click.option("--eval-every", type=int, help="Evaluate every N steps [default: 50].")
+@click.option("--save-every", type=int, help="Checkpoint every N steps [default: 100].")
+@click.option("--keep-checkpoints", type=int, help="Step checkpoints to keep [default: 2].")
+@click.option("--patience", type=int, help="Early stop after N evaluations without improvement.")
+@click.option("--prompt", "prompts", multiple=True, help="Prompt completed at each evaluation (repeatable).")
+@click.option("--eval-max-new-tokens", type=int, help="Length of evaluation samples [default: 40].")
+@click.option("--lora-r", type=int, help="LoRA rank [default: 16].")
+@click.option("--lora-alpha", type=int, help="LoRA alpha [default: 32].")
+@click.option("--lora-dropout", type=float, help="LoRA dropout [default: 0.05].")
+@click.option("--seed", type=int, help="Seed for the split, data order and dropout [default: 0].")
+@click.option("--device", help="auto, cpu, cuda or mps [default: auto].")
+@click.option("--dtype", help="Autocast dtype: auto, float32 or bfloat16 [default: auto].")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its newest complete checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
+def train(data, config_value, dataset_config, filters, prompts, resume, overwrite, **options):
+    """Fine-tune a model on DATA (files, folders, datasets directories or hub dataset names).
+
+    Writes config.yaml, metrics.jsonl, loss.png, samples.jsonl, README.md, checkpoints
+    and the final weights to the run directory; `--model RUN` then uses it.
+    """
+    from .config import TrainConfig, load_yaml, train_config_from_dict
+    from .train import train as run_train
+
+    cfg = TrainConfig()
+    if config_value and config_value.endswith((".yaml", ".yml")):
+        cfg = train_config_from_dict(load_yaml(config_value))
+    elif config_value:
+        dataset_config = dataset_config or config_value
+    elif resume and options.get("out") and (Path(options["out"]) / "config.yaml").is_file():
+        cfg = train_config_from_dict(load_yaml(Path(options["out"]) / "config.yaml"))
+    for name in TRAIN_OPTIONS:
+        if options.get(name) is not None:
+            setattr(cfg, name, options[name])
+    for name in DATA_OPTIONS:
+        if options.get(name) is not None:
+            setattr(cfg.data, name, options[name])
+    if data:
+        cfg.data.sources = list(data)
+    if dataset_config:
+        cfg.data.config = dataset_config
+    if filters:
+        cfg.data.filter = list(filters)
+    if prompts:
+        cfg.eval_prompts = list(prompts)
+    if not cfg.data.sources:
+        raise UserError("no training data: pass files, folders or a dataset name")
+    result = run_train(cfg, resume=resume, overwrite=overwrite, echo=lambda m: click.echo(m, err=True),
+                       progress=sys.stderr.isatty())
+    if result.interrupted:
+        click.echo(f"interrupted at step {result.steps}/{result.total_steps}; "
+                   f"continue with: styletune train --resume --out {cfg.out}", err=True)
+        sys.exit(130)
+    val = f", validation loss {result.val_loss:.4f} (perplexity {result.val_ppl:.2f})" if result.val_loss else ""
+    click.echo(f"trained {result.steps} steps in {result.elapsed_s:.0f} s{val}; "
+               f"use it with: styletune generate --model {cfg.out}")
+
+
+@main.command()
+@click.argument("run", type=click.Path())
+@click.argument("out", type=click.Path())
+def merge(run, out):
+    """Write RUN (base + LoRA adapter, or full weights) as a plain transformers directory OUT."""
+    from .runs import merge_run
+
+    path = merge_run(run, out)
+    click.echo(f"wrote {path}: AutoModelForCausalLM.from_pretrained({str(path)!r}) loads it")
+
+
 # --------------------------------------------------------------------------------------- models
 
 

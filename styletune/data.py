@@ -42,7 +42,17 @@ from .models import cache_root
 from .errors import StyletuneError
 
 if TYPE_CHECKING:  # `datasets` is imported lazily: it is slow to import.
+    datasets = _datasets()
+
+
+
+def _datasets():
+    """`datasets`, imported on first use, with its progress bars off (styletune reports progress itself)."""
     import datasets
+
+    datasets.disable_progress_bars()
+    return datasets
+
 
 FORMAT_VERSION = 1
 """Bump when the cached layout or the packing changes, to invalidate old caches."""
@@ -269,7 +279,7 @@ def _load_with_datasets(method: str, path: Path, source: str, **kwargs) -> "data
     The Arrow copy is kept in styletune's cache (not ~/.cache/huggingface), keyed by
     ``datasets`` on the file's path and modification time.
     """
-    import datasets
+    datasets = _datasets()
 
     loader = getattr(datasets.Dataset, method)
     try:
@@ -291,7 +301,7 @@ def _load_csv(path: Path, source: str, encoding: str, sep: str) -> "datasets.Dat
     texts that happen to look like numbers.  Only empty cells count as missing,
     so a text that is literally "NA" or "None" survives.
     """
-    import datasets
+    datasets = _datasets()
 
     header = _csv_header(path, source, encoding, sep)
     features = datasets.Features({name: datasets.Value("string") for name in header})
@@ -356,7 +366,7 @@ def _load_saved_dataset(path: Path, split: str | None) -> "datasets.Dataset":
     contiguous ``select``s, which stay memory-mapped.  A single saved Dataset answers
     to any split name.
     """
-    import datasets
+    datasets = _datasets()
 
     spec = split or "train"
     try:
@@ -391,7 +401,7 @@ def _split_names(spec: str) -> list[str]:
 
 def _load_hub_dataset(name: str, cfg: DataConfig) -> "datasets.Dataset":
     """A dataset from the Hugging Face hub (or its local cache when offline)."""
-    import datasets
+    datasets = _datasets()
 
     try:
         return datasets.load_dataset(name, cfg.config, split=cfg.split or "train")
@@ -797,7 +807,7 @@ def _remove_stale_temp_dirs(root: Path, max_age_s: float = 24 * 3600) -> None:
 
 def _tokenize(texts: list[str], tokenizer, eos: int, path: Path) -> "datasets.Dataset":
     """One row of token ids per document, EOS appended, written to ``path`` by ``Dataset.map``."""
-    import datasets
+    datasets = _datasets()
 
     def encode(batch: dict) -> dict:
         # No special tokens: a BOS/EOS pair around each document would differ between
@@ -857,7 +867,7 @@ def _pack(docs: "datasets.Dataset", block_size: int, path: Path) -> int:
 
 def _open_blocks(path: Path) -> "datasets.Dataset":
     """A packed block file, memory-mapped, as torch tensors (int64 ids)."""
-    import datasets
+    datasets = _datasets()
 
     ds = datasets.Dataset.from_file(str(path))
     ds.set_format("torch", columns=["input_ids"])

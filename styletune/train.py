@@ -1,0 +1,518 @@
+"""The training loop, top to bottom: data, model, plan, schedule, steps, evaluation, checkpoints.
+
+Written as one plain loop (nanoGPT style) rather than on top of transformers'
+Trainer: packed blocks need no collator or padding, exact resume is a matter of
+saving (optimizer, RNG, step) because the data position is derived from the
+step, and the whole thing stays readable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import checkpoints as ckpt
+from .config import TrainConfig, parse_duration, save_yaml, train_config_to_dict
+from .errors import StyletuneError
+
+Echo = Callable[[str], None]
+
+# Module names LoRA adapts, per architecture (attention and MLP projections).
+LORA_TARGETS = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],  # Conv1D layers (peft sets fan_in_fan_out)
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
+
+
+@dataclass
+class TrainResult:
+    """What a run did; everything else is in its directory."""
+
+    out: Path
+    steps: int
+    total_steps: int
+    tokens_seen: int
+    elapsed_s: float
+    train_loss: float | None = None
+    val_loss: float | None = None
+    val_ppl: float | None = None
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    interrupted: bool = False
+    stopped_early: bool = False
+    summary: dict = field(default_factory=dict)
+
+
+def has_run(out: Path) -> bool:
+    return any((out / name).exists() for name in ("config.yaml", "metrics.jsonl", "checkpoints", "final"))
+
+
+def lora_targets(model, cfg: TrainConfig):
+    if cfg.lora_targets:
+        return cfg.lora_targets
+    return LORA_TARGETS.get(model.config.model_type, "all-linear")
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_fraction`` of the peak."""
+    peak = cfg.peak_lr
+    warmup = round(cfg.warmup_fraction * total)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    floor = peak * cfg.min_lr_fraction
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def autocast_dtype(cfg: TrainConfig, device: str):
+    """bf16 autocast where the hardware runs bf16 natively, else none (fp32)."""
+    from .models import pick_dtype
+
+    dtype = pick_dtype(cfg.dtype, device)
+    return dtype if dtype == torch.bfloat16 else None
+
+
+class _StopRequests:
+    """Ctrl-C / SIGTERM set a flag; the loop saves at the next step boundary and exits.
+    A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, echo: Echo | None = None,
+          progress: bool = False, on_step: Callable[[int, object], None] | None = None) -> TrainResult:
+    """Fine-tune ``config.model`` on ``config.data`` and write the run to ``config.out``.
+
+    Args:
+        config: every option (see :class:`~styletune.config.TrainConfig`).
+        resume: continue from the newest complete checkpoint in ``config.out``.
+        overwrite: replace a run already in ``config.out``.
+        echo: where to send human-readable progress lines (default: nowhere).
+        progress: show a progress bar on stderr.
+        on_step: called as ``on_step(step, model)`` after each optimizer step (for callers' own
+            logging, and for tests that interrupt a run at a chosen step).
+    """
+    from .data import format_summary, prepare_data
+    from .models import context_length, load_plain, pick_device, prepare_tokenizer, resolve
+
+    cfg = config.validate()
+    echo = echo or (lambda _msg: None)
+    out = Path(cfg.out)
+    resume_from = None
+    if has_run(out):
+        if resume:
+            resume_from = ckpt.newest_checkpoint(out)
+            if resume_from is None:
+                raise StyletuneError(f"{out} has no complete checkpoint to resume from; use --overwrite to start over")
+        elif not overwrite:
+            raise StyletuneError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    elif resume:
+        raise StyletuneError(f"nothing to resume: {out} holds no run")
+
+    # ---- model and data (nothing is written until both are known to be good)
+    device = pick_device(cfg.device)
+    amp_dtype = autocast_dtype(cfg, device)
+    source = resolve(cfg.model)
+    if source.kind == "run":
+        raise StyletuneError(f"--model {cfg.model} is a styletune run; train from its base model, "
+                             "or continue the run with --resume")
+    model, tokenizer = load_plain(source, torch.float32)
+    tokenizer = prepare_tokenizer(tokenizer)
+    if tokenizer.eos_token_id is None:
+        raise StyletuneError(f"the tokenizer of {cfg.model} has no end-of-text token to separate documents")
+    data = prepare_data(cfg.data, tokenizer, seed=cfg.seed, max_block_size=context_length(model.config))
+    data.summary["cache_key"] = data.cache_key
+    echo(format_summary(data.summary))
+
+    if overwrite and not resume and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Base model recorded as an absolute path when it is one, so the run loads from anywhere.
+    base_name = str(Path(cfg.model).resolve()) if source.kind in ("dir", "gguf") else cfg.model
+    if not resume_from:
+        save_yaml(out / "config.yaml", train_config_to_dict(cfg))
+        (out / "data_summary.json").write_text(json.dumps(data.summary, indent=1, default=str))
+
+    if resume_from and cfg.method == "full":
+        # Full fine-tuning: the checkpoint holds the whole model.
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(resume_from, dtype=torch.float32)
+    if cfg.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=lora_targets(model, cfg), task_type="CAUSAL_LM")
+        with warnings_quiet():
+            model = get_peft_model(model, lcfg)
+        if resume_from:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(model, load_file(resume_from / "adapter_model.safetensors"))
+    model.to(device)
+    model.config.use_cache = False
+
+    # AdamW with weight decay on matrices only (not on norms and biases), as nanoGPT does.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=(0.9, 0.95), fused=device.startswith("cuda"))
+
+    train_blocks = data.train
+    n_blocks = len(train_blocks)
+    micro_per_epoch = math.ceil(n_blocks / cfg.batch_size)
+
+    def micro_batch(m: int) -> torch.Tensor:
+        """Micro-batch number ``m`` of an endless, per-epoch reshuffled stream: (B, T).
+        A pure function of m, so resuming at a step needs no saved data position."""
+        epoch, i = divmod(m, micro_per_epoch)
+        order = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size].tolist()
+        return train_blocks[idx]["input_ids"].to(device)
+
+    def train_loss(batch: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=device.split(":")[0], dtype=amp_dtype, enabled=amp_dtype is not None):
+            return model(input_ids=batch, labels=batch).loss
+
+    # ---- how many steps
+    state = {"tokens_seen": 0, "elapsed_s": 0.0, "best_val_loss": None, "best_step": None, "evals_since_best": 0}
+    start_step = 0
+    if resume_from:
+        saved, tensors = ckpt.load_checkpoint(resume_from)
+        optimizer.load_state_dict(tensors["optimizer"])
+        ckpt.set_rng_state(tensors["rng"])
+        start_step, total = saved["step"], saved["total_steps"]
+        state.update({k: saved[k] for k in state if k in saved})
+        if cfg.max_steps and cfg.max_steps != total and cfg.max_steps > start_step:
+            total = cfg.max_steps
+        _truncate_metrics(out / "metrics.jsonl", start_step)
+        echo(f"resuming {out} at step {start_step} of {total}")
+    else:
+        total = plan_steps(cfg, micro_per_epoch, micro_batch, train_loss, model, echo)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * data.block_size
+    echo(f"training {cfg.method} on {device}{' with bf16 autocast' if amp_dtype else ''}: {total} steps, "
+         f"{n_blocks} blocks of {data.block_size} tokens, ~{tokens_per_step} tokens/step")
+
+    prompts = cfg.eval_prompts or default_prompts(data, tokenizer)
+
+    def save_weights(path: Path) -> None:
+        for p in params:
+            if not torch.isfinite(p).all():
+                raise StyletuneError("refusing to save non-finite weights")
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        from .runs import write_info
+
+        write_info(path, base_name, cfg.method, step)
+
+    def checkpoint() -> None:
+        ckpt.save_checkpoint(out, step, save_weights, optimizer,
+                             {**state, "total_steps": total, "block_size": data.block_size})
+        ckpt.prune_checkpoints(out, cfg.keep_checkpoints)
+
+    # ---- the loop
+    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
+    bar = _progress(total, start_step, progress)
+    result = TrainResult(out=out, steps=start_step, total_steps=total, tokens_seen=state["tokens_seen"],
+                         elapsed_s=state["elapsed_s"], summary=data.summary)
+    step = start_step
+    last_val = None
+    t_start = time.perf_counter() - state["elapsed_s"]
+    try:
+        with _StopRequests() as stop:
+            model.train()
+            while step < total:
+                t0 = time.perf_counter()
+                lr = lr_at(step, total, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum = 0.0
+                for micro in range(cfg.grad_accum):
+                    batch = micro_batch(step * cfg.grad_accum + micro)
+                    loss = train_loss(batch)
+                    (loss / cfg.grad_accum).backward()
+                    loss_sum += loss.item()
+                    state["tokens_seen"] += batch.numel()
+                loss_value = loss_sum / cfg.grad_accum
+                if not math.isfinite(loss_value):
+                    # Stop before the optimizer step, so no non-finite weight is ever written.
+                    raise StyletuneError(f"the loss became {loss_value} at step {step + 1}; stopped without "
+                                         "saving these weights (try a lower --lr)")
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                dt = time.perf_counter() - t0
+                state["elapsed_s"] = time.perf_counter() - t_start
+                record = {"step": step, "loss": round(loss_value, 6), "lr": lr, "tokens_seen": state["tokens_seen"],
+                          "elapsed_s": round(state["elapsed_s"], 3), "tokens_per_s": round(tokens_per_step / dt, 1)}
+                _write_metric(metrics, record)
+                result.train_loss = loss_value
+                if on_step:
+                    on_step(step, model)
+                last = step == total
+                if step % cfg.eval_every == 0 or last:
+                    val = evaluate_loss(model, data.val, cfg.batch_size, device, amp_dtype)
+                    model.train()
+                    if val is not None:
+                        last_val = val
+                        better = state["best_val_loss"] is None or val < state["best_val_loss"]
+                        if better:
+                            state["best_val_loss"], state["best_step"], state["evals_since_best"] = val, step, 0
+                            ckpt.write_atomically(out / "best", save_weights)
+                        else:
+                            state["evals_since_best"] += 1
+                        _write_metric(metrics, {"step": step, "val_loss": round(val, 6), "val_ppl": round(math.exp(val), 4)})
+                    samples = sample_prompts(model, tokenizer, prompts, cfg, device)
+                    model.train()
+                    _log_samples(out, step, samples)
+                    echo(f"step {step}/{total}: loss {loss_value:.4f}"
+                         + (f", val loss {val:.4f} (ppl {math.exp(val):.2f})" if val is not None else ""))
+                    plot_losses(out)
+                    if cfg.patience and state["evals_since_best"] >= cfg.patience:
+                        echo(f"early stop: no better validation loss in {cfg.patience} evaluations")
+                        result.stopped_early = True
+                if step % cfg.save_every == 0 or last or result.stopped_early or stop.requested:
+                    checkpoint()
+                bar.update(1)
+                bar.set_postfix_str(f"loss {loss_value:.3f}" + (f" val {last_val:.3f}" if last_val else "")
+                                    + f" {tokens_per_step / dt:.0f} tok/s")
+                if stop.requested:
+                    echo(f"{stop.requested}: saved a checkpoint at step {step}; continue with --resume")
+                    result.interrupted = True
+                    break
+                if result.stopped_early:
+                    break
+    finally:
+        bar.close()
+        metrics.close()
+
+    result.steps, result.total_steps = step, total
+    result.tokens_seen, result.elapsed_s = state["tokens_seen"], state["elapsed_s"]
+    result.best_val_loss, result.best_step = state["best_val_loss"], state["best_step"]
+    if last_val is not None:
+        result.val_loss, result.val_ppl = last_val, math.exp(last_val)
+    if not result.interrupted:
+        ckpt.write_atomically(out / "final", save_weights)
+        plot_losses(out)
+        from .report import write_model_card
+
+        write_model_card(out, cfg, result, base_name)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def warnings_quiet():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def plan_steps(cfg: TrainConfig, micro_per_epoch: int, micro_batch, train_loss, model, echo: Echo) -> int:
+    """Total optimizer steps from --max-steps, --epochs and --time-budget (the smallest wins).
+
+    For a time budget, two forward/backward passes are timed first (the first warms
+    up, the second is measured); gradients and the RNG are restored afterwards, so
+    planning does not change what training does.
+    """
+    candidates = []
+    if cfg.max_steps:
+        candidates.append(cfg.max_steps)
+    if cfg.epochs:
+        candidates.append(max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum)))
+    if cfg.time_budget:
+        budget = parse_duration(cfg.time_budget)
+        rng = ckpt.rng_state()
+        model.train()
+        timings = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            train_loss(micro_batch(0)).backward()
+            timings.append(time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+        ckpt.set_rng_state(rng)
+        per_step = timings[-1] * cfg.grad_accum
+        # Keep ~15% of the budget for evaluations, samples and checkpoints.
+        steps = max(1, int(0.85 * budget / per_step))
+        echo(f"time budget {cfg.time_budget}: {per_step:.2f} s/step measured -> {steps} steps")
+        candidates.append(steps)
+    if not candidates:
+        candidates.append(max(1, math.ceil(micro_per_epoch / cfg.grad_accum)))  # one epoch
+    return min(candidates)
+
+
+@torch.no_grad()
+def evaluate_loss(model, blocks, batch_size: int, device: str, amp_dtype) -> float | None:
+    """Mean next-token loss over every validation token (blocks may differ in length)."""
+    if blocks is None or len(blocks) == 0:
+        return None
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    rows = [blocks[i]["input_ids"] for i in range(len(blocks))]
+    i = 0
+    while i < len(rows):
+        # Group consecutive blocks of one length (only the last block may be shorter).
+        j = i
+        while j < len(rows) and j - i < batch_size and len(rows[j]) == len(rows[i]):
+            j += 1
+        batch = torch.stack(rows[i:j]).to(device)
+        i = j
+        if batch.shape[1] < 2:
+            continue
+        with torch.autocast(device_type=device.split(":")[0], dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = model(input_ids=batch, labels=batch).loss.float()
+        n = batch.shape[0] * (batch.shape[1] - 1)
+        total_loss += loss.item() * n
+        total_tokens += n
+    return total_loss / total_tokens if total_tokens else None
+
+
+def default_prompts(data, tokenizer, n: int = 2) -> list[str]:
+    """Openings of validation (else training) documents: the first few words after an EOS."""
+    blocks = data.val if data.val is not None and len(data.val) else data.train
+    eos = tokenizer.eos_token_id
+    prompts = []
+    for i in range(min(len(blocks), 50)):
+        ids = blocks[i]["input_ids"].tolist()
+        starts = [0] if i == 0 else []
+        starts += [k + 1 for k, t in enumerate(ids) if t == eos and k + 1 < len(ids)]
+        for s in starts:
+            words = tokenizer.decode(ids[s:s + 12], skip_special_tokens=True).split()[:4]
+            text = " ".join(words)
+            if text and text not in prompts:
+                prompts.append(text)
+            if len(prompts) >= n:
+                return prompts
+    return prompts or [""]
+
+
+def sample_prompts(model, tokenizer, prompts: list[str], cfg: TrainConfig, device: str) -> list[dict]:
+    """Complete the fixed prompts with a fixed seed, so runs and steps can be compared."""
+    from .config import DecodingConfig
+    from .decoding.engine import generate
+    from .models import LoadedModel, context_length
+
+    model.eval()
+    model.config.use_cache = True
+    lm = LoadedModel(model=model, tokenizer=tokenizer, name="training", source=None, device=device,
+                     dtype=torch.float32, context_length=context_length(model.config))
+    dec = DecodingConfig(max_new_tokens=cfg.eval_max_new_tokens, temperature=0.8, top_p=0.95, seed=cfg.seed)
+    try:
+        samples = generate(lm, prompts, dec)
+    finally:
+        model.config.use_cache = False
+    return [{"prompt": s.prompt, "text": s.text} for s in samples]
+
+
+def _write_metric(fh, record: dict) -> None:
+    fh.write(json.dumps(record) + "\n")
+    fh.flush()
+
+
+def _log_samples(out: Path, step: int, samples: list[dict]) -> None:
+    with open(out / "samples.jsonl", "a", encoding="utf-8") as fh:
+        for s in samples:
+            fh.write(json.dumps({"step": step, **s}, ensure_ascii=False) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop what the interrupted run logged after its checkpoint."""
+    for p in (path, path.with_name("samples.jsonl")):
+        if not p.exists():
+            continue
+        kept = [line for line in p.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.replace(p)
+
+
+def read_metrics(out: Path) -> list[dict]:
+    path = Path(out) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_losses(out: Path) -> None:
+    """``loss.png``: training loss per step and validation loss per evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(out)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if not train:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(*zip(*train), label="train loss", color="#4477aa", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), label="validation loss", color="#ee6677", marker="o")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(out.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out / ".loss.png.tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out / "loss.png")
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def set_postfix_str(self, s):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
