@@ -38,6 +38,14 @@ class Group(click.Group):
 @click.version_option(package_name="styletune")
 def main():
     """Teach a small language model to write in someone's style, and inspect what it learned."""
+    import warnings
+
+    # Our own warnings (a skipped binary file, ...) as one plain line, not Python's source-line format.
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category is UserWarning and "styletune" in filename:
+            click.echo(f"warning: {message}", err=True)
+
+    warnings.showwarning = show
 
 
 # ------------------------------------------------------------------------------- shared options

@@ -168,6 +168,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(resume_from, dtype=torch.float32)
+    # Seeds LoRA's initialisation and dropout; a resumed run restores the RNG from its checkpoint.
+    torch.manual_seed(cfg.seed)
     if cfg.method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -229,7 +231,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     def save_weights(path: Path) -> None:
         for p in params:
             if not torch.isfinite(p).all():
-                raise StyletuneError("refusing to save non-finite weights")
+                raise StyletuneError(f"the weights became non-finite at step {step}; refusing to save them")
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
         from .runs import write_info

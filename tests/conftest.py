@@ -66,24 +66,25 @@ def tokenizer():
     return build_tokenizer()
 
 
-def build_gpt2(vocab_size, seed=0, n_positions=128):
+def build_gpt2(vocab_size, seed=0, n_positions=128, initializer_range=0.02):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=32, n_layer=2, n_head=2,
-                     bos_token_id=0, eos_token_id=0)
+                     bos_token_id=0, eos_token_id=0, initializer_range=initializer_range)
     return GPT2LMHeadModel(cfg).eval()
 
 
-def build_llama(vocab_size, seed=0, max_positions=256):
+def build_llama(vocab_size, seed=0, max_positions=256, initializer_range=0.02):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-                      bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True)
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True,
+                      initializer_range=initializer_range)
     return LlamaForCausalLM(cfg).eval()
 
 

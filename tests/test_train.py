@@ -1,0 +1,401 @@
+"""Training on tiny models: loss goes down, outputs, exact resume, signals, atomic
+checkpoints, non-finite losses, merge, and the bad-input matrix through the CLI."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from styletune import checkpoints as ckpt
+from styletune.cli import main
+from styletune.config import DataConfig, TrainConfig, load_yaml
+from styletune.errors import StyletuneError
+from styletune.models import load_model
+from styletune.train import read_metrics, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+STORIES = [
+    "The raven sat upon the bust of Pallas above my chamber door, and spoke but one word: nevermore.",
+    "Once upon a midnight dreary, while I pondered, weak and weary, over many a quaint and curious volume.",
+    "The quick brown fox jumps over the lazy dog, and the lazy dog dreams of the quick brown fox.",
+    "Why did the chicken cross the road? To get to the other side, where the other chickens were.",
+    "Había una vez un gato que vivía en una casa grande, y el gato soñaba con el mar.",
+    "In the dark of the night the bells were ringing, ringing, ringing, and nobody could sleep.",
+]
+
+
+@pytest.fixture(scope="module")
+def train_model_dirs(tmp_path_factory, tokenizer):
+    """Tiny models with larger initial weights (0.2, not 0.02): with near-zero weights the
+    activations are so small that LoRA, which adapts them, has almost nothing to learn from."""
+    from conftest import build_gpt2, build_llama
+
+    root = tmp_path_factory.mktemp("train_models")
+    dirs = {}
+    for name, model in (("gpt2", build_gpt2(len(tokenizer), initializer_range=0.2)),
+                        ("llama", build_llama(len(tokenizer), initializer_range=0.2))):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        dirs[name] = root / name
+    return dirs
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "stories.txt"
+    folder = tmp_path / "stories"
+    folder.mkdir()
+    for i, story in enumerate(STORIES * 3):
+        (folder / f"{i:02d}.txt").write_text(f"{story} (variation {i})\n", encoding="utf-8")
+    path.write_text("\n\n".join(STORIES), encoding="utf-8")
+    return folder
+
+
+def config(tmp_path, model_dir, corpus, **kw):
+    data = DataConfig(sources=[str(corpus)], block_size=kw.pop("block_size", 32), val_fraction=0.2)
+    base = dict(out=str(tmp_path / "run"), model=str(model_dir), data=data, batch_size=4, max_steps=8,
+                eval_every=4, save_every=4, eval_max_new_tokens=5, seed=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def losses(out):
+    return [r["loss"] for r in read_metrics(out) if "loss" in r]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("method,lr", [("lora", 1e-2), ("full", 1e-2)])
+def test_training_lowers_the_loss(tmp_path, train_model_dirs, corpus, family, method, lr):
+    cfg = config(tmp_path, train_model_dirs[family], corpus, method=method, lr=lr, max_steps=20, eval_every=20,
+                 save_every=20, warmup_fraction=0.0)
+    result = train(cfg)
+    got = losses(cfg.out)
+    assert len(got) == 20
+    assert sum(got[-3:]) / 3 < 0.9 * sum(got[:3]) / 3, got
+    assert result.val_loss is not None and math.isfinite(result.val_loss)
+
+
+def test_run_directory_contents(tmp_path, tiny_model_dirs, corpus):
+    cfg = config(tmp_path, tiny_model_dirs["llama"], corpus, eval_prompts=["The raven"])
+    result = train(cfg)
+    out = Path(cfg.out)
+    for name in ("config.yaml", "metrics.jsonl", "loss.png", "README.md", "samples.jsonl", "data_summary.json"):
+        assert (out / name).is_file(), name
+    records = read_metrics(out)
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert all({"step", "loss", "lr", "tokens_seen", "elapsed_s"} <= set(r) for r in steps)
+    assert steps[-1]["tokens_seen"] == 8 * 4 * 32
+    assert [r["step"] for r in evals] == [4, 8]
+    assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]), rel=1e-3) for r in evals)
+    samples = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["prompt"]) for s in samples] == [(4, "The raven"), (8, "The raven")]
+    assert load_yaml(out / "config.yaml")["data"]["block_size"] == 32
+    card = (out / "README.md").read_text()
+    assert str(tiny_model_dirs["llama"]) in card and f"{result.val_loss:.4f}" in card
+    assert (out / "best" / "adapter_model.safetensors").is_file()
+    assert [p.name for p in ckpt.complete_checkpoints(out)] == ["step-000004", "step-000008"]
+    # The run is a model: generate with it.
+    lm = load_model(str(out), device="cpu", dtype="float32")
+    assert lm.base_name == str(tiny_model_dirs["llama"])
+
+
+def test_config_yaml_reruns_the_same_training(tmp_path, tiny_model_dirs, corpus):
+    cfg = config(tmp_path, tiny_model_dirs["gpt2"], corpus)
+    train(cfg)
+    again = tmp_path / "again"
+    r = CliRunner().invoke(main, ["train", "--config", str(Path(cfg.out) / "config.yaml"), "--out", str(again)])
+    assert r.exit_code == 0, r.output
+    assert losses(again) == losses(cfg.out)
+
+
+def interrupt_at(step_to_stop):
+    def hook(step, model):
+        if step == step_to_stop:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return hook
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_resume_gives_the_same_losses(tmp_path, tiny_model_dirs, corpus, method):
+    straight = config(tmp_path / "a", tiny_model_dirs["llama"], corpus, method=method, save_every=100)
+    train(straight)
+    broken = config(tmp_path / "b", tiny_model_dirs["llama"], corpus, method=method, save_every=100)
+    first = train(broken, on_step=interrupt_at(5))
+    assert first.interrupted and first.steps == 5
+    assert not (Path(broken.out) / "final").exists()
+    assert ckpt.newest_checkpoint(Path(broken.out)).name == "step-000005"
+    rest = train(broken, resume=True)
+    assert rest.steps == 8 and not rest.interrupted
+    assert losses(broken.out) == losses(straight.out)
+    evals = lambda out: [r["val_loss"] for r in read_metrics(out) if "val_loss" in r]
+    assert evals(broken.out) == evals(straight.out)
+
+
+def test_sigint_from_the_cli_saves_and_resume_continues(tmp_path, tiny_model_dirs, corpus):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "styletune", "train", str(corpus), "--model", str(tiny_model_dirs["llama"]),
+            "--out", str(out), "--block-size", "32", "--batch-size", "2", "--max-steps", "100000",
+            "--save-every", "100000", "--eval-every", "100000"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(read_metrics(out)) < 3:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "--resume" in stderr and "Traceback" not in stderr
+    newest = ckpt.newest_checkpoint(out)
+    assert newest is not None
+    saved_step = int(newest.name.split("-")[1])
+    assert saved_step == len(losses(out))
+    r = CliRunner().invoke(main, ["train", "--resume", "--out", str(out), "--max-steps", str(saved_step + 2)])
+    assert r.exit_code == 0, r.output
+    assert [m["step"] for m in read_metrics(out) if "loss" in m] == list(range(1, saved_step + 3))
+
+
+def test_a_kill_mid_save_never_leaves_a_complete_looking_checkpoint(tmp_path, tiny_model_dirs, corpus, monkeypatch):
+    cfg = config(tmp_path, tiny_model_dirs["llama"], corpus, save_every=2, eval_every=100, max_steps=6)
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):
+        # Die while writing the optimizer state of the step-4 checkpoint.
+        if "step-000004" in str(f):
+            Path(f).write_bytes(b"partial")
+            raise KeyboardInterrupt("killed mid-save")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(ckpt.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    out = Path(cfg.out)
+    assert not (out / "checkpoints" / "step-000004").exists()
+    assert ckpt.newest_checkpoint(out).name == "step-000002"
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    result = train(cfg, resume=True)
+    assert result.steps == 6
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_sigkill_during_training_leaves_only_complete_checkpoints(tmp_path, tiny_model_dirs, corpus):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "styletune", "train", str(corpus), "--model", str(tiny_model_dirs["llama"]),
+            "--out", str(out), "--block-size", "32", "--batch-size", "2", "--max-steps", "100000",
+            "--save-every", "1", "--eval-every", "100000", "--method", "full", "--keep-checkpoints", "3"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(read_metrics(out)) < 4:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    for d in (out / "checkpoints").glob("step-*"):
+        assert (d / ckpt.STATE_FILE).is_file() and (d / ckpt.TENSORS_FILE).is_file(), d
+        state, tensors = ckpt.load_checkpoint(d)  # loads: not truncated
+        assert state["step"] == int(d.name.split("-")[1])
+    newest = ckpt.newest_checkpoint(out)
+    assert newest is not None
+    r = CliRunner().invoke(main, ["train", "--resume", "--out", str(out), "--max-steps",
+                                  str(int(newest.name.split("-")[1]) + 1)])
+    assert r.exit_code == 0, r.output
+
+
+def test_non_finite_loss_stops_with_the_step_and_writes_no_bad_weights(tmp_path, tiny_model_dirs, corpus):
+    cfg = config(tmp_path, tiny_model_dirs["llama"], corpus, save_every=2, eval_every=100, max_steps=6)
+
+    def poison(step, model):
+        if step == 3:
+            with torch.no_grad():
+                next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+
+    with pytest.raises(StyletuneError, match="at step 4"):
+        train(cfg, on_step=poison)
+    out = Path(cfg.out)
+    assert not (out / "final").exists()
+    assert [d.name for d in ckpt.complete_checkpoints(out)] == ["step-000002"]
+    for d in ckpt.complete_checkpoints(out):
+        from safetensors.torch import load_file
+
+        assert all(torch.isfinite(t).all() for t in load_file(d / "adapter_model.safetensors").values())
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, tiny_model_dirs, corpus):
+    cfg = config(tmp_path, tiny_model_dirs["llama"], corpus, save_every=2, eval_every=100, max_steps=6)
+
+    def poison(step, model):
+        if step == 2:  # poisoned just before the step-2 checkpoint
+            with torch.no_grad():
+                next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+
+    with pytest.raises(StyletuneError, match="non-finite at step 2"):
+        train(cfg, on_step=poison)
+    assert ckpt.complete_checkpoints(Path(cfg.out)) == []
+
+
+def test_early_stopping(tmp_path, tiny_model_dirs, corpus, monkeypatch):
+    import styletune.train as T
+
+    worse = iter([1.0, 2.0, 3.0, 4.0, 5.0])
+    monkeypatch.setattr(T, "evaluate_loss", lambda *a, **k: next(worse))
+    cfg = config(tmp_path, tiny_model_dirs["llama"], corpus, eval_every=1, max_steps=10, patience=2)
+    result = train(cfg)
+    assert result.stopped_early and result.steps == 3 and result.best_step == 1
+
+
+def test_time_budget_plans_steps(tmp_path, tiny_model_dirs, corpus):
+    cfg = config(tmp_path, tiny_model_dirs["llama"], corpus, max_steps=None, time_budget="2s", eval_every=1000)
+    messages = []
+    result = train(cfg, echo=messages.append)
+    assert any("s/step measured" in m for m in messages)
+    assert result.steps == result.total_steps >= 1
+
+
+def test_merge_gives_the_same_logits(tmp_path, tiny_model_dirs, corpus):
+    from transformers import AutoModelForCausalLM
+
+    cfg = config(tmp_path, tiny_model_dirs["gpt2"], corpus, lr=1e-2)
+    train(cfg)
+    merged = tmp_path / "merged"
+    r = CliRunner().invoke(main, ["merge", cfg.out, str(merged)])
+    assert r.exit_code == 0, r.output
+    plain = AutoModelForCausalLM.from_pretrained(merged).eval()
+    assert not (merged / "styletune.json").exists() and not (merged / "adapter_config.json").exists()
+    lm = load_model(cfg.out, device="cpu", dtype="float32")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, lm.model(ids).logits)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["gpt2"]).eval()
+        assert not torch.allclose(base(ids).logits, plain(ids).logits)  # training changed something
+
+
+# ---------------------------------------------------------------------------- bad input, via the CLI
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_line_error(r):
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output
+    errors = [l for l in r.output.splitlines() if l.startswith("error: ")]
+    assert len(errors) == 1, r.output
+    return errors[0]
+
+
+@pytest.fixture
+def model_dir(tiny_model_dirs):
+    return tiny_model_dirs["llama"]
+
+
+def test_bad_input_empty_corpus(tmp_path, model_dir):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    line = one_line_error(run_cli("train", empty, "--model", model_dir, "--out", tmp_path / "r"))
+    assert "no text" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_input_missing_file(tmp_path, model_dir):
+    line = one_line_error(run_cli("train", tmp_path / "nope.txt", "--model", model_dir, "--out", tmp_path / "r"))
+    assert "nope.txt" in line
+
+
+def test_bad_input_csv_without_column(tmp_path, model_dir):
+    csv_path = tmp_path / "jokes.csv"
+    csv_path.write_text("ID,Joke\n1,A joke\n2,Another joke\n")
+    line = one_line_error(run_cli("train", csv_path, "--model", model_dir, "--out", tmp_path / "r"))
+    assert "ID" in line and "Joke" in line
+    line = one_line_error(run_cli("train", csv_path, "--column", "Text", "--model", model_dir, "--out", tmp_path / "r"))
+    assert "'Text'" in line
+
+
+def test_bad_input_non_utf8(tmp_path, model_dir):
+    bad = tmp_path / "latin.txt"
+    bad.write_bytes(("Había una vez " * 20).encode("latin-1"))
+    line = one_line_error(run_cli("train", bad, "--model", model_dir, "--out", tmp_path / "r"))
+    assert "latin.txt" in line and "byte 3" in line and "--encoding" in line
+    ok = run_cli("train", bad, "--encoding", "latin-1", "--model", model_dir, "--out", tmp_path / "r",
+                 "--block-size", "16", "--max-steps", "1")
+    assert ok.exit_code == 0, ok.output
+
+
+def test_binary_file_in_folder_is_skipped(tmp_path, model_dir, corpus):
+    (corpus / "picture.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" * 10)
+    r = run_cli("train", corpus, "--model", model_dir, "--out", tmp_path / "r", "--block-size", "32", "--max-steps", "1")
+    assert r.exit_code == 0, r.output
+    assert "picture.png" in r.output  # reported, not silently dropped
+    summary = json.loads((tmp_path / "r" / "data_summary.json").read_text())
+    assert any("picture.png" in str(f) for f in summary["skipped_files"])
+
+
+def test_corpus_smaller_than_a_block(tmp_path, model_dir):
+    small = tmp_path / "small.txt"
+    small.write_text("The raven sat upon the bust of Pallas above my chamber door and spoke.")
+    r = run_cli("train", small, "--model", model_dir, "--out", tmp_path / "r", "--block-size", "128",
+                "--max-steps", "1", "--val-fraction", "0")
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "r" / "data_summary.json").read_text())
+    assert summary["block_size"] < 128 and summary["train_blocks"] >= 1
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("Hi.")
+    line = one_line_error(run_cli("train", tiny, "--model", model_dir, "--out", tmp_path / "r2", "--val-fraction", "0"))
+    assert "tokens" in line
+
+
+def test_existing_run_is_refused_and_kept(tmp_path, model_dir, corpus):
+    out = tmp_path / "r"
+    assert run_cli("train", corpus, "--model", model_dir, "--out", out, "--block-size", "32",
+                   "--max-steps", "2").exit_code == 0
+    before = (out / "metrics.jsonl").read_text()
+    line = one_line_error(run_cli("train", corpus, "--model", model_dir, "--out", out, "--max-steps", "2"))
+    assert "--resume" in line and "--overwrite" in line
+    assert (out / "metrics.jsonl").read_text() == before
+    # --overwrite with bad data fails before anything is deleted.
+    one_line_error(run_cli("train", tmp_path / "missing.txt", "--model", model_dir, "--out", out, "--overwrite"))
+    assert (out / "metrics.jsonl").read_text() == before
+    r = run_cli("train", corpus, "--model", model_dir, "--out", out, "--block-size", "32", "--max-steps", "3",
+                "--overwrite")
+    assert r.exit_code == 0 and len(losses(out)) == 3
+
+
+def test_block_size_above_context(tmp_path, model_dir, corpus):
+    line = one_line_error(run_cli("train", corpus, "--model", model_dir, "--out", tmp_path / "r",
+                                  "--block-size", "4096"))
+    assert "context" in line and "256" in line
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--max-steps", "0"], "--max-steps"),
+    (["--time-budget", "ten minutes"], "--time-budget"),
+    (["--lr", "-1"], "--lr"),
+    (["--val-fraction", "1.5"], "--val-fraction"),
+    (["--filter", "nonsense"], "filter"),
+])
+def test_bad_options(tmp_path, model_dir, corpus, args, needle):
+    line = one_line_error(run_cli("train", corpus, "--model", model_dir, "--out", tmp_path / "r", *args))
+    assert needle in line
+
+
+def test_resume_without_a_run(tmp_path, model_dir, corpus):
+    line = one_line_error(run_cli("train", corpus, "--model", model_dir, "--out", tmp_path / "r", "--resume"))
+    assert "nothing to resume" in line
+
+
+def test_incomplete_run_as_model(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: x\n")
+    line = one_line_error(run_cli("generate", "hi", "--model", run))
+    assert "not a complete styletune run" in line
