@@ -1,0 +1,85 @@
+"""`make demo`: fine-tune the bundled SmolLM2-135M on the jokes that PyPI's pyjokes
+ships, then show base and tuned model side by side with their validation perplexity.
+
+The same with your own CSV:
+    styletune train my.csv --column text --out runs/mine --time-budget 10m
+    styletune generate "Once upon a time" --model runs/mine
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pyjokes
+
+from styletune import DataConfig, DecodingConfig, generate, load_model
+from styletune.config import TrainConfig
+from styletune.data import prepare_data
+from styletune.train import evaluate_loss, train
+
+ROOT = Path(os.environ.get("STYLETUNE_DEMO_DIR", "runs/demo"))
+BUDGET = os.environ.get("STYLETUNE_DEMO_BUDGET", "3m")
+PROMPTS = ["Why do programmers", "A SQL query walks into", "My code", "How many programmers does it take"]
+
+
+def write_corpus(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["ID", "Joke"])
+        for i, joke in enumerate(pyjokes.get_jokes(language="en", category="all")):
+            writer.writerow([i, joke])
+
+
+def say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def main() -> None:
+    corpus = ROOT / "jokes.csv"
+    write_corpus(corpus)
+    cfg = TrainConfig(out=str(ROOT / "run"), model="smollm2-135m",
+                      data=DataConfig(sources=[str(corpus)], column="Joke", block_size=128),
+                      batch_size=8, time_budget=BUDGET, eval_every=10, save_every=50, seed=0,
+                      eval_prompts=PROMPTS[:2])
+    say(f"$ styletune train {corpus} --column Joke --block-size 128 --batch-size 8 "
+        f"--time-budget {BUDGET} --out {cfg.out} --overwrite")
+    t0 = time.time()
+    result = train(cfg, overwrite=True, echo=lambda m: say(textwrap.indent(m, "  ")), progress=sys.stderr.isatty())
+    say(f"  done in {time.time() - t0:.0f} s: {result.steps} steps, {result.tokens_seen:,} tokens")
+    say()
+
+    # Perplexity of both models on the same held-out jokes.
+    base = load_model("smollm2-135m", device="cpu", dtype="float32")
+    tuned = load_model(cfg.out, device="cpu", dtype="float32")
+    data = prepare_data(cfg.data, base.tokenizer, seed=cfg.seed, max_block_size=base.context_length)
+    ppl = {name: math.exp(evaluate_loss(lm.model, data.val, 8, "cpu", None)) for name, lm in
+           (("base", base), ("tuned", tuned))}
+
+    dec = DecodingConfig(max_new_tokens=30, temperature=0.7, top_p=0.9, repetition_penalty=1.1, seed=1,
+                         stop=["\n"])
+    outs = {name: generate(lm, PROMPTS, dec) for name, lm in (("base", base), ("tuned", tuned))}
+    width = 48
+    say(f"{'base smollm2-135m':<{width}} | tuned on {data.summary['records']} jokes")
+    say(f"{'-' * width}-+-{'-' * width}")
+    for i, prompt in enumerate(PROMPTS):
+        left = textwrap.wrap(prompt + outs["base"][i].text, width) or [""]
+        right = textwrap.wrap(prompt + outs["tuned"][i].text, width) or [""]
+        for row in range(max(len(left), len(right))):
+            a = left[row] if row < len(left) else ""
+            b = right[row] if row < len(right) else ""
+            say(f"{a:<{width}} | {b}")
+        say(f"{'-' * width}-+-{'-' * width}")
+    say(f"validation perplexity ({data.summary['val_tokens']:,} held-out tokens): "
+        f"base {ppl['base']:.2f}  ->  tuned {ppl['tuned']:.2f}")
+    say(f"run directory: {cfg.out} (README.md, loss.png, metrics.jsonl, samples.jsonl)")
+
+
+if __name__ == "__main__":
+    main()
