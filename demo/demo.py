@@ -21,7 +21,7 @@ import pyjokes
 from styletune import DataConfig, DecodingConfig, generate, load_model
 from styletune.config import TrainConfig
 from styletune.data import prepare_data
-from styletune.train import evaluate_loss, train
+from styletune.training import evaluate_loss, train
 
 ROOT = Path(os.environ.get("STYLETUNE_DEMO_DIR", "runs/demo"))
 BUDGET = os.environ.get("STYLETUNE_DEMO_BUDGET", "3m")

@@ -1,28 +1,33 @@
 """styletune: teach a small language model to write in someone's style.
 
-The public API; the CLI is a thin layer over these functions.
+The public API; the CLI is a thin layer over these functions.  Modules are named
+so that none shadows a function here (``styletune.train`` is the function, its
+loop lives in ``styletune.training``).
 """
 
-from .config import DataConfig, DecodingConfig
+from .config import DataConfig, DecodingConfig, TrainConfig
 from .errors import StyletuneError
 
 __version__ = "0.1.0"
 
-__all__ = ["DataConfig", "DecodingConfig", "StyletuneError", "load_model", "generate", "probe", "__version__"]
+__all__ = ["DataConfig", "DecodingConfig", "TrainConfig", "StyletuneError", "load_model", "generate", "probe",
+           "train", "__version__"]
+
+# Imported lazily, so `import styletune` and `styletune --help` do not import torch.
+_LAZY = {
+    "load_model": ("models", "load_model"),
+    "generate": ("decoding.engine", "generate"),
+    "probe": ("probing", "probe"),
+    "train": ("training", "train"),
+}
 
 
 def __getattr__(name):
-    # Lazy, so `import styletune` and `styletune --help` do not import torch.
-    if name == "load_model":
-        from .models import load_model
+    if name in _LAZY:
+        import importlib
 
-        return load_model
-    if name == "generate":
-        from .decoding.engine import generate
-
-        return generate
-    if name == "probe":
-        from .probe import probe
-
-        return probe
-    raise AttributeError(name)
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'styletune' has no attribute {name!r}")

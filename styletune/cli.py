@@ -242,7 +242,7 @@ def write_trace(path: str, samples) -> None:
 @click.option("--json", "as_json", is_flag=True, help="A JSON list of {id, token, prob}, most likely first.")
 def probe(text, model, device, dtype, top, as_json):
     """Show the next-token distribution after TEXT."""
-    from .probe import probe as run_probe
+    from .probing import probe as run_probe
 
     if top < 1:
         raise UserError(f"--top must be >= 1, got {top}")
@@ -369,7 +369,7 @@ def train(data, config_value, dataset_config, filters, prompts, resume, overwrit
     and the final weights to the run directory; `--model RUN` then uses it.
     """
     from .config import TrainConfig, load_yaml, train_config_from_dict
-    from .train import train as run_train
+    from .training import train as run_train
 
     cfg = TrainConfig()
     if config_value and config_value.endswith((".yaml", ".yml")):

@@ -19,7 +19,7 @@ from styletune.cli import main
 from styletune.config import DataConfig, TrainConfig, load_yaml
 from styletune.errors import StyletuneError
 from styletune.models import load_model
-from styletune.train import read_metrics, train
+from styletune.training import read_metrics, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -244,7 +244,7 @@ def test_non_finite_weights_are_never_saved(tmp_path, tiny_model_dirs, corpus):
 
 
 def test_early_stopping(tmp_path, tiny_model_dirs, corpus, monkeypatch):
-    import styletune.train as T
+    import styletune.training as T
 
     worse = iter([1.0, 2.0, 3.0, 4.0, 5.0])
     monkeypatch.setattr(T, "evaluate_loss", lambda *a, **k: next(worse))

@@ -242,7 +242,8 @@ def generate(lm, prompts: list[str], cfg: DecodingConfig | None = None, *, trace
             if chunk:
                 on_text(r, chunk)
         samples.append(Sample(prompt=prompts[p], prompt_index=p, sample_index=i, text=streams[r].text,
-                              token_ids=list(streams[r].ids), finish_reason=finish[r], seed=seed + i,
+                              token_ids=list(streams[r].ids), finish_reason=finish[r],
+                              seed=seed + i if cfg.mode in ("sample", "eps") else None,
                               steps=steps[r] if trace_top else None))
     return samples
 
