@@ -416,6 +416,55 @@ def merge(run, out):
     click.echo(f"wrote {path}: AutoModelForCausalLM.from_pretrained({str(path)!r}) loads it")
 
 
+# -------------------------------------------------------------------------------------- compare
+
+
+@main.command()
+@click.option("--base", help="Base model [default: the tuned run's base model].")
+@click.option("--tuned", type=click.Path(), help="A run directory (column 'tuned').")
+@click.option("--model", "-m", "models", multiple=True, help="Another column: any --model value (repeatable).")
+@click.option("--checkpoints", type=click.Choice(["all"]), help="Add a column per saved checkpoint of --tuned.")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), help="One prompt per line.")
+@click.option("--prompt", "-p", "prompt_list", multiple=True, help="A prompt (repeatable).")
+@decoding_options
+@click.option("--format", "fmt", type=click.Choice(["text", "md", "json"]), default="text", show_default=True)
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), help="Also write a self-contained HTML page.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True)
+def compare(base, tuned, models, checkpoints, prompts_file, prompt_list, fmt, html_path, device, dtype, **kwargs):
+    """Continue the same prompts with several models side by side (same settings, same seed)."""
+    from .comparison import COMPARE_DEFAULTS, compare as run_compare, read_prompts
+    from .report import comparison_html, comparison_markdown
+
+    prompts = list(prompt_list) + (read_prompts(prompts_file) if prompts_file else [])
+    if not prompts:
+        raise UserError("no prompts: pass --prompt TEXT or --prompts FILE")
+    if not tuned and not models:
+        raise UserError("nothing to compare: pass --tuned RUN and/or --model M")
+    dec = build_decoding(kwargs, **COMPARE_DEFAULTS)
+    cmp = run_compare(prompts, base=base, tuned=tuned, models=list(models), checkpoints=checkpoints == "all",
+                      decoding=dec, device=device, dtype=dtype)
+    if html_path:
+        write_atomic(html_path, comparison_html(cmp))
+    if fmt == "json":
+        click.echo(json.dumps(cmp.to_json(), ensure_ascii=False, indent=1))
+    elif fmt == "md":
+        click.echo(comparison_markdown(cmp), nl=False)
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(show_lines=True, expand=True)
+        table.add_column("prompt", style="bold", ratio=1)
+        for c in cmp.columns:
+            table.add_column(c.name, ratio=2, overflow="fold")
+        for row in cmp.rows:
+            table.add_row(row.prompt, *(row.outputs[c.name] for c in cmp.columns))
+        console = Console(width=max(100, Console().width))
+        console.print(table)
+        console.print("; ".join(f"{c.name} = {c.model}" for c in cmp.columns), style="dim")
+
+
 # --------------------------------------------------------------------------------------- models
 
 

@@ -74,3 +74,63 @@ def write_model_card(out: Path, cfg, result, base_name: str) -> Path:
     path = out / "README.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+# ------------------------------------------------------------------------------------ comparisons
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "<br>") or " "
+
+
+def comparison_markdown(cmp) -> str:
+    """A Markdown table: one row per prompt, one column per model."""
+    names = [c.name for c in cmp.columns]
+    lines = ["| prompt | " + " | ".join(_md_cell(n) for n in names) + " |",
+             "| --- | " + " | ".join("---" for _ in names) + " |"]
+    for row in cmp.rows:
+        lines.append(f"| **{_md_cell(row.prompt)}** | " + " | ".join(_md_cell(row.outputs[n]) for n in names) + " |")
+    lines += ["", "Models: " + "; ".join(f"`{c.name}` = {c.model}" for c in cmp.columns) + ".",
+              "Decoding: " + _decoding_line(cmp.decoding) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _decoding_line(d: dict) -> str:
+    """The settings that differ from the defaults, plus length and seed."""
+    from .config import DecodingConfig
+
+    default = DecodingConfig()
+    shown = [k for k, v in d.items() if k in ("max_new_tokens", "seed") or v != getattr(default, k, v)]
+    return ", ".join(f"{k}={d[k]}" for k in shown)
+
+
+def comparison_html(cmp, title: str = "styletune comparison") -> str:
+    """A self-contained HTML page (no external resources) with the side-by-side table."""
+    from html import escape
+
+    names = [c.name for c in cmp.columns]
+    head = "".join(f"<th>{escape(n)}</th>" for n in names)
+    body = []
+    for row in cmp.rows:
+        cells = "".join(f"<td>{escape(row.outputs[n])}</td>" for n in names)
+        body.append(f"<tr><th class=prompt>{escape(row.prompt)}</th>{cells}</tr>")
+    models = "".join(f"<li><b>{escape(c.name)}</b>: {escape(c.model)}</li>" for c in cmp.columns)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; width: 100%; table-layout: fixed; }}
+th, td {{ border: 1px solid #ccc; padding: .5em .7em; vertical-align: top; white-space: pre-wrap; text-align: left; }}
+thead th {{ background: #f2f2f2; }}
+th.prompt {{ background: #fafafa; font-weight: 600; }}
+.meta {{ color: #555; font-size: .9em; }}
+</style></head><body>
+<h1>{escape(title)}</h1>
+<table><thead><tr><th>prompt</th>{head}</tr></thead>
+<tbody>
+{chr(10).join(body)}
+</tbody></table>
+<div class=meta><p>Same decoding settings and seed for every column: {escape(_decoding_line(cmp.decoding))}.</p>
+<ul>{models}</ul></div>
+</body></html>
+"""

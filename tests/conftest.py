@@ -109,3 +109,17 @@ def tiny_model_dirs(tmp_path_factory, tokenizer, tiny_gpt2, tiny_llama):
         tokenizer.save_pretrained(d)
         dirs[name] = d
     return dirs
+
+
+@pytest.fixture(scope="session")
+def train_model_dirs(tmp_path_factory, tokenizer):
+    """Tiny models with larger initial weights (0.2, not 0.02): with near-zero weights the
+    activations are so small that LoRA, which adapts them, has almost nothing to learn from."""
+    root = tmp_path_factory.mktemp("train_models")
+    dirs = {}
+    for name, model in (("gpt2", build_gpt2(len(tokenizer), initializer_range=0.2)),
+                        ("llama", build_llama(len(tokenizer), initializer_range=0.2))):
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        dirs[name] = root / name
+    return dirs

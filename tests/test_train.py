@@ -33,22 +33,6 @@ STORIES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def train_model_dirs(tmp_path_factory, tokenizer):
-    """Tiny models with larger initial weights (0.2, not 0.02): with near-zero weights the
-    activations are so small that LoRA, which adapts them, has almost nothing to learn from."""
-    from conftest import build_gpt2, build_llama
-
-    root = tmp_path_factory.mktemp("train_models")
-    dirs = {}
-    for name, model in (("gpt2", build_gpt2(len(tokenizer), initializer_range=0.2)),
-                        ("llama", build_llama(len(tokenizer), initializer_range=0.2))):
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-        dirs[name] = root / name
-    return dirs
-
-
 @pytest.fixture
 def corpus(tmp_path):
     path = tmp_path / "stories.txt"
