@@ -11,7 +11,7 @@ from .errors import StyletuneError
 __version__ = "0.1.0"
 
 __all__ = ["DataConfig", "DecodingConfig", "TrainConfig", "StyletuneError", "load_model", "generate", "probe",
-           "train", "__version__"]
+           "train", "compare", "evaluate", "__version__"]
 
 # Imported lazily, so `import styletune` and `styletune --help` do not import torch.
 _LAZY = {
@@ -19,6 +19,8 @@ _LAZY = {
     "generate": ("decoding.engine", "generate"),
     "probe": ("probing", "probe"),
     "train": ("training", "train"),
+    "compare": ("comparison", "compare"),
+    "evaluate": ("evaluation", "evaluate"),
 }
 
 

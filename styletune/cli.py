@@ -465,6 +465,36 @@ def compare(base, tuned, models, checkpoints, prompts_file, prompt_list, fmt, ht
         console.print("; ".join(f"{c.name} = {c.model}" for c in cmp.columns), style="dim")
 
 
+# ------------------------------------------------------------------------------------- evaluate
+
+
+@main.command()
+@click.argument("run", type=click.Path())
+@click.option("--data", help="Evaluate perplexity on this file (any format train reads) [default: the run's "
+              "validation split].")
+@click.option("--samples", type=int, default=8, show_default=True, help="Samples per model for memorisation and style.")
+@click.option("--ngram", type=int, default=8, show_default=True, help="n of the n-grams checked against the training data.")
+@click.option("--max-new-tokens", "-n", type=int, default=80, show_default=True, help="Length of each sample.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--report", "report_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory for report.json, report.md and report.html.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True)
+def evaluate(run, data, samples, ngram, max_new_tokens, seed, report_dir, device, dtype):
+    """Perplexity, memorisation and style of a run against its base model, in one report."""
+    from .evaluation import evaluate as run_evaluate, summary_lines, write_report
+
+    for name, value in (("--samples", samples), ("--ngram", ngram), ("--max-new-tokens", max_new_tokens)):
+        if value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}")
+    report = run_evaluate(run, data=data, samples=samples, ngram=ngram, max_new_tokens=max_new_tokens, seed=seed,
+                          device=device, dtype=dtype, echo=lambda m: click.echo(m, err=True))
+    html = write_report(report, report_dir)
+    for line in summary_lines(report):
+        click.echo(line)
+    click.echo(f"report: {html}")
+
+
 # --------------------------------------------------------------------------------------- models
 
 

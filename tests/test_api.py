@@ -6,8 +6,8 @@ import sys
 
 def test_public_functions_are_not_shadowed_by_modules():
     code = (
-        "import styletune, styletune.training, styletune.probing, styletune.models, styletune.decoding.engine\n"
-        "for name in ('load_model', 'generate', 'probe', 'train'):\n"
+        "import styletune, styletune.training, styletune.probing, styletune.comparison, styletune.evaluation\n"
+        "for name in ('load_model', 'generate', 'probe', 'train', 'compare', 'evaluate'):\n"
         "    assert callable(getattr(styletune, name)) and type(getattr(styletune, name)).__name__ == 'function', name\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
