@@ -56,6 +56,8 @@ def model_options(f):
                   help="Registry name, hub id, model directory, styletune run directory or .gguf file.")
     @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
     @click.option("--dtype", default="auto", show_default=True, help="auto, float32, bfloat16 or float16.")
+    @click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
+                  help="Decode with weight-only int8 weights (faster on CPU, ~1% logit error).")
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
         return f(*args, **kwargs)
@@ -100,10 +102,10 @@ def build_decoding(kwargs: dict, **defaults) -> DecodingConfig:
     return DecodingConfig(**values).validate()
 
 
-def _load(model, device, dtype):
+def _load(model, device, dtype, quantize="none"):
     from .models import load_model
 
-    return load_model(model, device=device, dtype=dtype)
+    return load_model(model, device=device, dtype=dtype, quantize=quantize)
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -128,7 +130,7 @@ def write_atomic(path: str, text: str) -> None:
 @click.option("--trace-out", type=click.Path(dir_okay=False), help="Also write the trace to FILE (.csv or .json).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write all samples to FILE.")
 @click.option("--stream/--no-stream", default=None, help="Print tokens as they arrive [default: on a terminal].")
-def generate(prompts, model, device, dtype, prompts_file, as_json, trace, trace_top, trace_out, output, stream,
+def generate(prompts, model, device, dtype, quantize, prompts_file, as_json, trace, trace_top, trace_out, output, stream,
              **kwargs):
     """Continue PROMPTS with the model (reads prompts from stdin when none are given)."""
     from .decoding.engine import generate as run_generate
@@ -151,7 +153,7 @@ def generate(prompts, model, device, dtype, prompts_file, as_json, trace, trace_
         cfg.seed = new_seed()
     if stream is None:
         stream = sys.stdout.isatty() and not as_json
-    lm = _load(model, device, dtype)
+    lm = _load(model, device, dtype, quantize)
     top = trace_top if (trace or trace_out) else 0
 
     samples = []
@@ -240,7 +242,7 @@ def write_trace(path: str, samples) -> None:
 @model_options
 @click.option("--top", type=int, default=10, show_default=True, help="How many candidates to show.")
 @click.option("--json", "as_json", is_flag=True, help="A JSON list of {id, token, prob}, most likely first.")
-def probe(text, model, device, dtype, top, as_json):
+def probe(text, model, device, dtype, quantize, top, as_json):
     """Show the next-token distribution after TEXT."""
     from .probing import probe as run_probe
 
@@ -271,7 +273,7 @@ def probe(text, model, device, dtype, top, as_json):
 @main.command()
 @model_options
 @decoding_options
-def write(model, device, dtype, **kwargs):
+def write(model, device, dtype, quantize, **kwargs):
     """An interactive writer: type a topic or an opening line, get a long passage.
 
     An empty line or EOF (Ctrl-D) ends the session; Ctrl-C stops the current passage only.
@@ -279,7 +281,7 @@ def write(model, device, dtype, **kwargs):
     from .decoding.engine import generate as run_generate, new_seed
 
     cfg = build_decoding(kwargs, max_new_tokens=300, temperature=0.8, top_p=0.95, repetition_penalty=1.1)
-    lm = _load(model, device, dtype)
+    lm = _load(model, device, dtype, quantize)
     interactive = sys.stdin.isatty()
     click.echo(f"styletune write ({lm.name}): type a topic or an opening line; an empty line ends.", err=True)
     turn = 0

@@ -143,3 +143,12 @@ def test_output_is_not_clobbered_on_error(run, gpt2_dir, tmp_path):
     out.write_text("precious")
     one_line_error(run("generate", "word " * 300, "--model", gpt2_dir, "-n", "5", "--output", out))
     assert out.read_text() == "precious"
+
+
+def test_generate_quantized(run, tiny_model_dirs):
+    r = run("generate", "Once upon", "--model", tiny_model_dirs["llama"], "-n", "4", "--greedy", "--quantize", "int8",
+            "--json")
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(r.output)["token_ids"]) == 4
+    bad = run("generate", "Once upon", "--model", tiny_model_dirs["llama"], "--quantize", "int4")
+    assert bad.exit_code == 2

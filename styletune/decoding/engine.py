@@ -195,8 +195,9 @@ def generate(lm, prompts: list[str], cfg: DecodingConfig | None = None, *, trace
     done = [False] * len(rows)
 
     logits, cache = forward_step(lm.model, ids, mask)  # (B, V): the whole prompt in one pass
+    fast = _fast_decoder(lm, cache, len(rows), ids.shape[1] + cfg.max_new_tokens)
     seq = ids
-    for _ in range(cfg.max_new_tokens):
+    for step in range(cfg.max_new_tokens):
         scores = shaping(seq, logits)
         if cfg.mode == "greedy":
             chosen = scores.argmax(dim=-1)
@@ -227,13 +228,16 @@ def generate(lm, prompts: list[str], cfg: DecodingConfig | None = None, *, trace
                 chunk = streams[r].ready(final=done[r])
                 if chunk:
                     on_text(r, chunk)
-        if all(done):
-            break
+        if all(done) or step == cfg.max_new_tokens - 1:
+            break  # no forward pass for a token nobody will read
         # Finished rows keep decoding padding; their output is already fixed.
         nxt = torch.tensor([pad_id if d else t for d, t in zip(done, chosen_list)], device=seq.device)[:, None]
         seq = torch.cat([seq, nxt], dim=1)
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-        logits, cache = forward_step(lm.model, nxt, mask, cache)
+        if fast is not None:
+            logits = fast.step(nxt, mask)
+        else:
+            logits, cache = forward_step(lm.model, nxt, mask, cache)
 
     samples = []
     for r, (p, i) in enumerate(rows):
@@ -246,6 +250,17 @@ def generate(lm, prompts: list[str], cfg: DecodingConfig | None = None, *, trace
                               seed=seed + i if cfg.mode in ("sample", "eps") else None,
                               steps=steps[r] if trace_top else None))
     return samples
+
+
+def _fast_decoder(lm, cache, batch: int, max_len: int):
+    """The lean decode step when the model allows it (else None: transformers' forward)."""
+    from . import fast
+
+    if not getattr(lm, "fast_decode", False) or not fast.supports(lm.model) or not hasattr(cache, "layers"):
+        return None
+    decoder = fast.FastLlamaDecoder(lm.model, batch, max_len, quantize=getattr(lm, "quantize", None))
+    decoder.load_cache(cache)
+    return decoder
 
 
 def _beam(lm, prompts, encoded, cfg: DecodingConfig, seed: int, on_text: TextCallback | None) -> list[Sample]:
