@@ -35,6 +35,7 @@ from typing import Callable, Iterable
 import torch
 
 from .errors import StyletuneError
+from .report import html_text as _h, md_cell as _md_cell, md_text as _md, visible_text
 
 Echo = Callable[[str], None]
 
@@ -882,34 +883,12 @@ def plot_style(profiles: dict, path: Path) -> Path:
     return path
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
-
-
-def visible_text(text: str) -> str:
-    """``text`` with control characters (other than newline and tab) shown as Unicode control
-    pictures (U+2400 block), so a report stays valid HTML and shows what the model wrote."""
-    return _CONTROL.sub(lambda m: chr(0x2421) if m.group() == "\x7f" else chr(0x2400 + ord(m.group())), text)
 
 
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3f}" if abs(v) < 100 else f"{v:,.1f}"
     return str(v)
-
-
-def _md_cell(text: str) -> str:
-    """Text safe inside a Markdown table cell: HTML-escaped, pipes escaped, newlines as <br>."""
-    return _md(text).replace("|", "&#124;").replace("\n", "<br>") or " "
-
-
-def _md(text: str) -> str:
-    """Text safe in Markdown: control characters made visible, ``< > &`` escaped (renderers pass HTML through)."""
-    return html.escape(visible_text(text), quote=False)
-
-
-def _h(text: str) -> str:
-    """Text safe in HTML element content and attribute values."""
-    return html.escape(visible_text(text))
 
 
 def _headline(report: EvalReport) -> list[tuple[str, str, str, str]]:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from pathlib import Path
 
 from .config import train_config_to_dict
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 def _samples_at_last_step(out: Path) -> list[dict]:
@@ -79,17 +83,34 @@ def write_model_card(out: Path, cfg, result, base_name: str) -> Path:
 # ------------------------------------------------------------------------------------ comparisons
 
 
-def _md_cell(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "<br>") or " "
+def visible_text(text: str) -> str:
+    """``text`` with control characters (other than newline and tab) shown as Unicode control
+    pictures (U+2400 block), so a report stays valid HTML and shows what the model wrote."""
+    return _CONTROL.sub(lambda m: chr(0x2421) if m.group() == "\x7f" else chr(0x2400 + ord(m.group())), text)
+
+
+def md_cell(text: str) -> str:
+    """Text safe inside a Markdown table cell: HTML-escaped, pipes escaped, newlines as <br>."""
+    return md_text(text).replace("|", "&#124;").replace("\n", "<br>") or " "
+
+
+def md_text(text: str) -> str:
+    """Text safe in Markdown: control characters made visible, ``< > &`` escaped (renderers pass HTML through)."""
+    return html.escape(visible_text(text), quote=False)
+
+
+def html_text(text: str) -> str:
+    """Text safe in HTML element content and attribute values."""
+    return html.escape(visible_text(text))
 
 
 def comparison_markdown(cmp) -> str:
     """A Markdown table: one row per prompt, one column per model."""
     names = [c.name for c in cmp.columns]
-    lines = ["| prompt | " + " | ".join(_md_cell(n) for n in names) + " |",
+    lines = ["| prompt | " + " | ".join(md_cell(n) for n in names) + " |",
              "| --- | " + " | ".join("---" for _ in names) + " |"]
     for row in cmp.rows:
-        lines.append(f"| **{_md_cell(row.prompt)}** | " + " | ".join(_md_cell(row.outputs[n]) for n in names) + " |")
+        lines.append(f"| **{md_cell(row.prompt)}** | " + " | ".join(md_cell(row.outputs[n]) for n in names) + " |")
     lines += ["", "Models: " + "; ".join(f"`{c.name}` = {c.model}" for c in cmp.columns) + ".",
               "Decoding: " + _decoding_line(cmp.decoding) + "."]
     return "\n".join(lines) + "\n"
@@ -106,8 +127,7 @@ def _decoding_line(d: dict) -> str:
 
 def comparison_html(cmp, title: str = "styletune comparison") -> str:
     """A self-contained HTML page (no external resources) with the side-by-side table."""
-    from html import escape
-
+    escape = html_text
     names = [c.name for c in cmp.columns]
     head = "".join(f"<th>{escape(n)}</th>" for n in names)
     body = []

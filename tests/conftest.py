@@ -123,3 +123,15 @@ def train_model_dirs(tmp_path_factory, tokenizer):
         tokenizer.save_pretrained(root / name)
         dirs[name] = root / name
     return dirs
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread: thread start-up costs more than their maths, and on a
+    busy machine two threads per process oversubscribe the cores (tests ran 10x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

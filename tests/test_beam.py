@@ -24,14 +24,7 @@ PROMPTS = {
 MAX_NEW = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny matrices: thread start-up costs more than the maths, and on a busy machine
-    # oversubscription makes these tests 10x slower.  Both implementations run under it.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
