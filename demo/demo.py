@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pyjokes
 
-from styletune import DataConfig, DecodingConfig, generate, load_model
+from styletune import DataConfig, DecodingConfig, compare, load_model
 from styletune.config import TrainConfig
 from styletune.data import prepare_data
 from styletune.training import evaluate_loss, train
@@ -55,29 +55,29 @@ def main() -> None:
     say(f"  done in {time.time() - t0:.0f} s: {result.steps} steps, {result.tokens_seen:,} tokens")
     say()
 
-    # Perplexity of both models on the same held-out jokes.
-    base = load_model("smollm2-135m", device="cpu", dtype="float32")
-    tuned = load_model(cfg.out, device="cpu", dtype="float32")
-    data = prepare_data(cfg.data, base.tokenizer, seed=cfg.seed, max_block_size=base.context_length)
-    ppl = {name: math.exp(evaluate_loss(lm.model, data.val, 8, "cpu", None)) for name, lm in
-           (("base", base), ("tuned", tuned))}
-
+    # The same prompts, settings and seed on both models (LoRA: one base, adapter on/off).
     dec = DecodingConfig(max_new_tokens=30, temperature=0.7, top_p=0.9, repetition_penalty=1.1, seed=1,
                          stop=["\n"])
-    outs = {name: generate(lm, PROMPTS, dec) for name, lm in (("base", base), ("tuned", tuned))}
+    cmp = compare(PROMPTS, tuned=cfg.out, decoding=dec, dtype="float32")
     width = 48
-    say(f"{'base smollm2-135m':<{width}} | tuned on {data.summary['records']} jokes")
+    say(f"{'base smollm2-135m':<{width}} | tuned on {result.summary['records']} jokes")
     say(f"{'-' * width}-+-{'-' * width}")
-    for i, prompt in enumerate(PROMPTS):
-        left = textwrap.wrap(prompt + outs["base"][i].text, width) or [""]
-        right = textwrap.wrap(prompt + outs["tuned"][i].text, width) or [""]
-        for row in range(max(len(left), len(right))):
-            a = left[row] if row < len(left) else ""
-            b = right[row] if row < len(right) else ""
-            say(f"{a:<{width}} | {b}")
+    for row in cmp.rows:
+        left = textwrap.wrap(row.prompt + row.outputs["base"], width) or [""]
+        right = textwrap.wrap(row.prompt + row.outputs["tuned"], width) or [""]
+        for i in range(max(len(left), len(right))):
+            say(f"{left[i] if i < len(left) else '':<{width}} | {right[i] if i < len(right) else ''}")
         say(f"{'-' * width}-+-{'-' * width}")
+
+    # Perplexity of both models on the same held-out jokes (the run's validation blocks).
+    ppl = {}
+    for name in ("smollm2-135m", cfg.out):
+        lm = load_model(name, device="cpu", dtype="float32")
+        data = prepare_data(cfg.data, lm.tokenizer, seed=cfg.seed, max_block_size=lm.context_length)
+        ppl[name] = math.exp(evaluate_loss(lm.model, data.val, cfg.batch_size, "cpu", None))
+        del lm
     say(f"validation perplexity ({data.summary['val_tokens']:,} held-out tokens): "
-        f"base {ppl['base']:.2f}  ->  tuned {ppl['tuned']:.2f}")
+        f"base {ppl['smollm2-135m']:.2f}  ->  tuned {ppl[cfg.out]:.2f}")
     say(f"run directory: {cfg.out} (README.md, loss.png, metrics.jsonl, samples.jsonl)")
 
 

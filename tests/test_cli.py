@@ -152,3 +152,23 @@ def test_generate_quantized(run, tiny_model_dirs):
     assert len(json.loads(r.output)["token_ids"]) == 4
     bad = run("generate", "Once upon", "--model", tiny_model_dirs["llama"], "--quantize", "int4")
     assert bad.exit_code == 2
+
+
+def test_write_ctrl_c_stops_only_the_passage(run, gpt2_dir, monkeypatch):
+    import styletune.decoding.engine as engine
+
+    real = engine.generate
+    calls = []
+
+    def interrupted_once(lm, prompts, cfg, **kw):
+        calls.append(prompts[0])
+        if len(calls) == 1:
+            kw["on_text"](0, "half a sentence")
+            raise KeyboardInterrupt
+        return real(lm, prompts, cfg, **kw)
+
+    monkeypatch.setattr(engine, "generate", interrupted_once)
+    r = run("write", "--model", gpt2_dir, "-n", "3", "--seed", "1", input="The sea\nA storm\n\n")
+    assert r.exit_code == 0, r.output
+    assert calls == ["The sea", "A storm"]
+    assert "half a sentence [stopped]" in r.output and "A storm" in r.output
