@@ -27,7 +27,9 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# `make bench LLAMACPP=1` also builds llama-cpp-python (about 20 min) for the llama.cpp reference row.
 bench: install
+	$(if $(LLAMACPP),$(BIN)/python -m pip install -q llama-cpp-python,)
 	$(BIN)/python bench/run.py
 
 clean:

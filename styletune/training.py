@@ -9,6 +9,7 @@ step, and the whole thing stays readable.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import shutil
@@ -195,12 +196,15 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     n_blocks = len(train_blocks)
     micro_per_epoch = math.ceil(n_blocks / cfg.batch_size)
 
+    @functools.lru_cache(maxsize=2)
+    def epoch_order(epoch: int) -> torch.Tensor:
+        return torch.randperm(n_blocks, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+
     def micro_batch(m: int) -> torch.Tensor:
         """Micro-batch number ``m`` of an endless, per-epoch reshuffled stream: (B, T).
         A pure function of m, so resuming at a step needs no saved data position."""
         epoch, i = divmod(m, micro_per_epoch)
-        order = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size].tolist()
+        idx = epoch_order(epoch)[i * cfg.batch_size:(i + 1) * cfg.batch_size].tolist()
         return train_blocks[idx]["input_ids"].to(device)
 
     def train_loss(batch: torch.Tensor) -> torch.Tensor:
