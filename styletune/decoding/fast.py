@@ -16,6 +16,8 @@ rounding changes logits by ~1%).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -36,18 +38,23 @@ def supports(model) -> bool:
 
 
 class _Int8Linear:
-    """Weight-only int8 with one scale per output row: y = (x @ Wq^T) * scale."""
+    """Weight-only int8 with one scale per output row: y = (x @ Wq^T) * scale.
 
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
+    The activations go through the kernel in bf16: on CPU its bf16 path is the fast one
+    (measured here for a 576x1536 matrix: ~60 us with bf16 inputs, ~1 ms with fp32 inputs,
+    ~140 us for the fp32 matrix product it replaces).
+    """
+
+    def __init__(self, weight: torch.Tensor):
         w = weight.detach().float()
         scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # (out,)
         self.weight = torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8).contiguous()
-        self.scale = scale.to(dtype)
+        self.scale = scale.to(torch.bfloat16)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scale)
-        return y.reshape(*shape[:-1], -1)
+        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight, self.scale)
+        return y.reshape(*shape[:-1], -1).to(x.dtype)
 
 
 class _Dense:
@@ -56,6 +63,35 @@ class _Dense:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
+
+
+# Quantised copies are made once per model (a second of work for 135M parameters), not per call.
+_QUANTIZED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _weights(model, quantize: str | None):
+    """Per-layer projections and the output head, as dense views of the model's own
+    tensors or as (cached) int8 copies."""
+    if quantize == "int8" and model in _QUANTIZED:
+        return _QUANTIZED[model]
+    layers = []
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        entry = {"ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight}
+        if quantize == "int8":
+            entry["qkv"] = _Int8Linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+            entry["o"] = _Int8Linear(a.o_proj.weight)
+            entry["gate_up"] = _Int8Linear(torch.cat([m.gate_proj.weight, m.up_proj.weight]))
+            entry["down"] = _Int8Linear(m.down_proj.weight)
+        else:
+            entry.update(q=_Dense(a.q_proj.weight), k=_Dense(a.k_proj.weight), v=_Dense(a.v_proj.weight),
+                         o=_Dense(a.o_proj.weight), gate=_Dense(m.gate_proj.weight), up=_Dense(m.up_proj.weight),
+                         down=_Dense(m.down_proj.weight))
+        layers.append(entry)
+    head = _Int8Linear(model.lm_head.weight) if quantize == "int8" else _Dense(model.lm_head.weight)
+    if quantize == "int8":
+        _QUANTIZED[model] = (layers, head)
+    return layers, head
 
 
 class FastLlamaDecoder:
@@ -83,22 +119,8 @@ class FastLlamaDecoder:
         dtype, device = model.dtype, model.device
         self.dtype = dtype
         inner = model.model
-        self.layers = []
-        for layer in inner.layers:
-            a, m = layer.self_attn, layer.mlp
-            entry = {"ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight}
-            if quantize == "int8":
-                entry["qkv"] = _Int8Linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), dtype)
-                entry["o"] = _Int8Linear(a.o_proj.weight, dtype)
-                entry["gate_up"] = _Int8Linear(torch.cat([m.gate_proj.weight, m.up_proj.weight]), dtype)
-                entry["down"] = _Int8Linear(m.down_proj.weight, dtype)
-            else:
-                entry.update(q=_Dense(a.q_proj.weight), k=_Dense(a.k_proj.weight), v=_Dense(a.v_proj.weight),
-                             o=_Dense(a.o_proj.weight), gate=_Dense(m.gate_proj.weight), up=_Dense(m.up_proj.weight),
-                             down=_Dense(m.down_proj.weight))
-            self.layers.append(entry)
+        self.layers, self.head = _weights(model, quantize)
         self.norm = inner.norm.weight
-        self.head = _Int8Linear(model.lm_head.weight, dtype) if quantize == "int8" else _Dense(model.lm_head.weight)
         self.embed = inner.embed_tokens.weight
         # RoPE table for every position, computed as transformers does (fp32 products, then cos/sin).
         rotary = inner.rotary_emb
