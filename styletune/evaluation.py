@@ -35,7 +35,7 @@ from typing import Callable, Iterable
 import torch
 
 from .errors import StyletuneError
-from .report import html_text as _h, md_cell as _md_cell, md_text as _md, visible_text
+from .report import figure as _figure, html_text as _h, md_cell as _md_cell, md_text as _md, visible_text
 
 Echo = Callable[[str], None]
 
@@ -807,16 +807,6 @@ def summary_lines(report: EvalReport) -> list[str]:
         lines.append(f"warning: {m['warning']}")
     lines += [f"note: {n}" for n in report.notes]
     return lines
-
-
-def _figure(width: float = 6.4, height: float = 3.6):
-    # The object-oriented API with the Agg canvas: no pyplot state, no global backend switch.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def plot_validation_loss(steps: list[dict], path: Path) -> Path | None:

@@ -12,6 +12,16 @@ from .config import train_config_to_dict
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
+def figure(width: float = 6.4, height: float = 3.6):
+    """A matplotlib figure on the Agg canvas: no pyplot state, no global backend switch."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def _samples_at_last_step(out: Path) -> list[dict]:
     path = out / "samples.jsonl"
     if not path.exists():

@@ -480,17 +480,15 @@ def read_metrics(out: Path) -> list[dict]:
 
 def plot_losses(out: Path) -> None:
     """``loss.png``: training loss per step and validation loss per evaluation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .report import figure
 
     rows = read_metrics(out)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     if not train:
         return
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig = figure(7, 4)
+    ax = fig.add_subplot()
     ax.plot(*zip(*train), label="train loss", color="#4477aa", linewidth=1)
     if val:
         ax.plot(*zip(*val), label="validation loss", color="#ee6677", marker="o")
@@ -502,7 +500,6 @@ def plot_losses(out: Path) -> None:
     fig.tight_layout()
     tmp = out / ".loss.png.tmp.png"
     fig.savefig(tmp)
-    plt.close(fig)
     tmp.replace(out / "loss.png")
 
 
