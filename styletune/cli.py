@@ -36,9 +36,17 @@ class Group(click.Group):
 
 @click.group(cls=Group)
 @click.version_option(package_name="styletune")
-def main():
+@click.option("--threads", type=click.IntRange(min=1), envvar="STYLETUNE_THREADS",
+              help="CPU threads for torch [default: torch's choice, one per core]. On a machine shared "
+                   "with other work, fewer threads are often faster.")
+def main(threads):
     """Teach a small language model to write in someone's style, and inspect what it learned."""
     import warnings
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
     # Our own warnings (a skipped binary file, ...) as one plain line, not Python's source-line format.
     def show(message, category, filename, lineno, file=None, line=None):

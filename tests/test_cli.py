@@ -172,3 +172,17 @@ def test_write_ctrl_c_stops_only_the_passage(run, gpt2_dir, monkeypatch):
     assert r.exit_code == 0, r.output
     assert calls == ["The sea", "A storm"]
     assert "half a sentence [stopped]" in r.output and "A storm" in r.output
+
+
+def test_threads_option(run, gpt2_dir):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        r = run("--threads", "1", "generate", "Once", "--model", gpt2_dir, "-n", "2", "--greedy")
+        assert r.exit_code == 0, r.output
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    bad = run("--threads", "0", "models")
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
