@@ -42,7 +42,7 @@ from .models import cache_root
 from .errors import StyletuneError
 
 if TYPE_CHECKING:  # `datasets` is imported lazily: it is slow to import.
-    datasets = _datasets()
+    import datasets
 
 
 

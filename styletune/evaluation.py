@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import gc
-import html
 import json
 import math
 import random
@@ -35,7 +34,7 @@ from typing import Callable, Iterable
 import torch
 
 from .errors import StyletuneError
-from .report import figure as _figure, html_text as _h, md_cell as _md_cell, md_text as _md, visible_text
+from .report import figure as _figure, html_text as _h, md_cell as _md_cell, md_text as _md
 
 Echo = Callable[[str], None]
 

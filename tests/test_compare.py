@@ -1,7 +1,6 @@
 """styletune compare: same settings and seed per column, shared base weights, outputs."""
 
 import json
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner

@@ -34,10 +34,10 @@ from styletune.evaluation import (
     style_distance,
     style_profile,
     summary_lines,
-    visible_text,
     windowed_ttr,
     write_report,
 )
+from styletune.report import visible_text
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import torch
 
 from styletune.config import DecodingConfig
 from styletune.decoding.engine import generate
@@ -133,7 +132,6 @@ def test_trace_steps(lm):
 
 
 def test_beam_search_matches_transformers(lm):
-    tok = lm.tokenizer
     got = generate(lm, PROMPTS, DecodingConfig(num_beams=3, max_new_tokens=10, stop_at_eos=False))
     assert ids(got) == hf_greedy(lm, PROMPTS, 10, num_beams=3)
 

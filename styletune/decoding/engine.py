@@ -9,7 +9,7 @@ sample's text does not depend on what else is in the batch.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
