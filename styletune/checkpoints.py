@@ -116,6 +116,10 @@ def load_checkpoint(path: Path) -> tuple[dict, dict]:
 def prune_checkpoints(root: Path, keep: int) -> None:
     """Delete all but the ``keep`` newest complete checkpoints, and leftover temporaries."""
     for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        # Rename first (atomic), then delete: a kill mid-delete must not leave a
+        # step-N directory that still looks complete with some of its files gone.
+        trash = old.parent / f".tmp-deleting-{old.name}"
+        os.replace(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
     for tmp in (root / "checkpoints").glob(".tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)

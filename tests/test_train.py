@@ -383,3 +383,27 @@ def test_incomplete_run_as_model(tmp_path):
     (run / "config.yaml").write_text("model: x\n")
     line = one_line_error(run_cli("generate", "hi", "--model", run))
     assert "not a complete styletune run" in line
+
+
+def test_a_kill_mid_prune_leaves_no_half_deleted_checkpoint(tmp_path, tiny_model_dirs, corpus, monkeypatch):
+    cfg = config(tmp_path, tiny_model_dirs["llama"], corpus, save_every=1, eval_every=100, max_steps=3,
+                 keep_checkpoints=1)
+
+    real_rmtree = ckpt.shutil.rmtree
+
+    def dies_after_one_file(path, ignore_errors=False):
+        if not Path(path).name.startswith(".tmp-deleting-"):
+            return real_rmtree(path, ignore_errors=ignore_errors)
+        # Delete one file of the old checkpoint, then "get killed".
+        next(p for p in Path(path).iterdir() if p.is_file()).unlink()
+        raise KeyboardInterrupt("killed mid-delete")
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", dies_after_one_file)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.undo()
+    out = Path(cfg.out)
+    steps = sorted((out / "checkpoints").glob("step-*"))
+    assert [p.name for p in steps] == ["step-000002"]  # step 1 was renamed away before deletion began
+    state, _ = ckpt.load_checkpoint(steps[0])
+    assert state["step"] == 2 and (steps[0] / "adapter_model.safetensors").is_file()
