@@ -7,6 +7,7 @@ becomes one line on stderr and exit status 2.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import json
 import os
@@ -116,6 +117,12 @@ def _load(model, device, dtype, quantize="none"):
     return load_model(model, device=device, dtype=dtype, quantize=quantize)
 
 
+def echo_stream(row: int, text: str) -> None:
+    """Streaming callback: print text as it arrives."""
+    click.echo(text, nl=False)
+    sys.stdout.flush()
+
+
 def write_atomic(path: str, text: str) -> None:
     """Write a whole file or nothing: an interrupted write never clobbers an old file."""
     target = Path(path)
@@ -172,12 +179,11 @@ def generate(prompts, model, device, dtype, quantize, prompts_file, as_json, tra
                 if len(prompts) * cfg.num_samples > 1:
                     click.secho(f"--- prompt {p + 1}, sample {i + 1}", fg="cyan", err=False)
                 click.secho(prompt, bold=True, nl=False)
-                one = DecodingConfig(**{**cfg.__dict__, "seed": cfg.seed + i,
-                                        "num_samples": 1 if cfg.mode != "beam" else cfg.num_samples})
-                got = run_generate(lm, [prompt], one, trace_top=top,
-                                   on_text=lambda row, text: (click.echo(text, nl=False), sys.stdout.flush()))
-                for s in got:
-                    s.prompt_index, s.sample_index, s.seed = p, s.sample_index + i, (cfg.seed + i) if s.seed is not None else None
+                one = dataclasses.replace(cfg, seed=cfg.seed + i,
+                                          num_samples=1 if cfg.mode != "beam" else cfg.num_samples)
+                got = run_generate(lm, [prompt], one, trace_top=top, on_text=echo_stream)
+                for s in got:  # sample i of this prompt (its seed, cfg.seed + i, is already right)
+                    s.prompt_index, s.sample_index = p, s.sample_index + i
                 click.echo()
                 samples += got
                 if trace:
@@ -307,12 +313,11 @@ def write(model, device, dtype, quantize, **kwargs):
             break
         if not topic.strip():
             break
-        one = DecodingConfig(**{**cfg.__dict__, "num_samples": 1,
-                                "seed": cfg.seed + turn if cfg.seed is not None else new_seed()})
+        one = dataclasses.replace(cfg, num_samples=1, seed=cfg.seed + turn if cfg.seed is not None else new_seed())
         turn += 1
         click.secho(topic, bold=True, nl=False)
         try:
-            run_generate(lm, [topic], one, on_text=lambda row, t: (click.echo(t, nl=False), sys.stdout.flush()))
+            run_generate(lm, [topic], one, on_text=echo_stream)
         except KeyboardInterrupt:
             click.echo(" [stopped]", nl=False)
         click.echo("\n")

@@ -9,6 +9,7 @@ and released before the next.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -121,7 +122,7 @@ def compare(prompts: list[str], *, base: str | None = None, tuned: str | None = 
         decoding: shared decoding settings (default :data:`COMPARE_DEFAULTS`).
     """
     from .decoding.engine import generate
-    from .models import LoadedModel, load_model
+    from .models import load_model
     from .runs import read_info
 
     if not prompts:
@@ -164,7 +165,7 @@ def compare(prompts: list[str], *, base: str | None = None, tuned: str | None = 
             else:
                 peft_model.load_adapter(wdir, adapter_name=c.name)
         peft_model.eval()
-        shared = LoadedModel(**{**base_lm.__dict__, "model": peft_model})
+        shared = dataclasses.replace(base_lm, model=peft_model)
         for c in adapters:
             peft_model.set_adapter(c.name)
             run(shared, c)
