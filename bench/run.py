@@ -298,7 +298,7 @@ def measure_plain_loop(s: Settings) -> dict:
     }
 
 
-def measure_styletune_train(s: Settings) -> dict:
+def measure_styletune_train(s: Settings, train_layers: int | None = None) -> dict:
     """styletune's own training loop: ``styletune.train`` (``styletune.training.train``) with LoRA
     on the same jokes, block size and batch size as ``plain_loop``.
 
@@ -319,6 +319,7 @@ def measure_styletune_train(s: Settings) -> dict:
         # short end-of-epoch batch.
         data=DataConfig(sources=[s.corpus_csv], column="Joke", block_size=s.block_size, dedupe=False),
         batch_size=s.batch_size, max_steps=steps, eval_every=steps + 1, save_every=steps + 1, dtype="auto", seed=0,
+        train_layers=train_layers,
     )
     lines: list[str] = []
     t0 = time.perf_counter()
@@ -339,10 +340,25 @@ def measure_styletune_train(s: Settings) -> dict:
         "notes": f"{'bf16 autocast' if 'bf16' in autocast else 'fp32 (no autocast)'}; "
                  f"steps {fmt_times([b['elapsed_s'] - a['elapsed_s'] for a, b in timed])}; "
                  f"metrics tokens_per_s {'/'.join(f'{v:.0f}' for v in logged)}; "
-                 f"whole train() call {wall:.1f} s for {result.steps} steps",
+                 f"whole train() call {wall:.1f} s for {result.steps} steps; "
+                 "losses " + "/".join(f"{r['loss']:.3f}" for r in rows),
         "steps_timed": s.timed_steps, "seconds": seconds, "train_wall_s": wall,
         "autocast": "bf16" if "bf16" in autocast else "fp32",
     }
+
+
+def measure_styletune_train_top(s: Settings) -> dict:
+    """``styletune train --train-layers N`` with N a quarter of the model's layers (8 of
+    SmolLM2's 30, 3 of GPT-2's 12): LoRA only there, so backward stops below them.
+    Otherwise the same run as ``styletune_train``."""
+    import json
+
+    config = json.loads((Path(s.model_dir) / "config.json").read_text())
+    layers = config.get("num_hidden_layers") or config["n_layer"]
+    n = max(1, round(layers / 4))
+    result = measure_styletune_train(s, train_layers=n)
+    result["notes"] = f"--train-layers {n} of {layers}; " + result["notes"]
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,6 +543,7 @@ MEASUREMENTS = {
     "trainer_padded": ("train", "reference", measure_trainer_padded),
     "plain_loop": ("train", "reference", measure_plain_loop),
     "styletune_train": ("train", "styletune", measure_styletune_train),
+    "styletune_train_top": ("train", "styletune", measure_styletune_train_top),
     "hf_generate_b1": ("generate", "reference", measure_hf_generate_b1),
     "styletune_generate_b1": ("generate", "styletune", measure_styletune_generate_b1),
     "styletune_generate_b1_int8": ("generate", "styletune", measure_styletune_generate_b1_int8),
@@ -545,6 +562,8 @@ RATIOS = [
      "useful training tokens/s vs a hand-written LoRA loop"),
     ("styletune_train / trainer_padded", "styletune_train", "trainer_padded",
      "useful training tokens/s vs Trainer on padded records (full FT)"),
+    ("styletune_train_top / plain_loop", "styletune_train_top", "plain_loop",
+     "--train-layers (top quarter) vs the hand-written loop training every layer"),
     ("styletune_b1 / hf_b1", "styletune_generate_b1", "hf_generate_b1",
      "batch-1 greedy tokens/s vs transformers generate"),
     ("styletune_b1 / llamacpp", "styletune_generate_b1", "llamacpp_b1",

@@ -329,7 +329,7 @@ def write(model, device, dtype, quantize, **kwargs):
 # unset (None) keep the value from --config / the resumed run / the defaults.
 TRAIN_OPTIONS = ("model", "out", "method", "batch_size", "grad_accum", "lr", "epochs", "max_steps", "time_budget",
                  "eval_every", "save_every", "keep_checkpoints", "seed", "device", "dtype", "lora_r", "lora_alpha",
-                 "lora_dropout", "patience", "weight_decay", "warmup_fraction", "eval_max_new_tokens")
+                 "lora_dropout", "train_layers", "patience", "weight_decay", "warmup_fraction", "eval_max_new_tokens")
 DATA_OPTIONS = ("column", "field", "split", "val_fraction", "val", "block_size", "glob", "encoding", "ascii_only",
                 "strip_gutenberg", "dedupe", "normalize")
 
@@ -372,6 +372,8 @@ DATA_OPTIONS = ("column", "field", "split", "val_fraction", "val", "block_size",
 @click.option("--lora-r", type=int, help="LoRA rank [default: 16].")
 @click.option("--lora-alpha", type=int, help="LoRA alpha [default: 32].")
 @click.option("--lora-dropout", type=float, help="LoRA dropout [default: 0.05].")
+@click.option("--train-layers", type=int, help="Train only the top N transformer layers; faster, since "
+              "backward stops below them [default: all].")
 @click.option("--seed", type=int, help="Seed for the split, data order and dropout [default: 0].")
 @click.option("--device", help="auto, cpu, cuda or mps [default: auto].")
 @click.option("--dtype", help="Autocast dtype: auto, float32 or bfloat16 [default: auto].")

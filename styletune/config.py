@@ -175,6 +175,9 @@ class TrainConfig:
     lora_dropout: float = 0.05
     lora_targets: list[str] | None = None
     """Module names to adapt; default chosen per architecture."""
+    train_layers: int | None = None
+    """Train only the top N transformer layers (LoRA or full); backward stops below them.
+    Default: every layer."""
     batch_size: int = 8
     """Blocks per micro-batch."""
     grad_accum: int = 1
@@ -233,6 +236,8 @@ class TrainConfig:
             bad(f"--block-size must be >= 8, got {self.data.block_size}")
         if not 0 <= self.data.val_fraction < 1:
             bad(f"--val-fraction must be in [0, 1), got {self.data.val_fraction}")
+        if self.train_layers is not None and self.train_layers < 1:
+            bad(f"--train-layers must be >= 1, got {self.train_layers}")
         if self.patience is not None and self.patience < 1:
             bad(f"--patience must be >= 1, got {self.patience}")
         return self

@@ -25,6 +25,7 @@ import torch
 from . import checkpoints as ckpt
 from .config import TrainConfig, parse_duration, save_yaml, train_config_to_dict
 from .errors import StyletuneError
+from .losses import causal_lm_loss
 
 Echo = Callable[[str], None]
 
@@ -65,6 +66,36 @@ def lora_targets(model, cfg: TrainConfig):
     if cfg.lora_targets:
         return cfg.lora_targets
     return LORA_TARGETS.get(model.config.model_type, "all-linear")
+
+
+def layer_stack(model) -> tuple[str, torch.nn.ModuleList]:
+    """The transformer blocks, bottom to top, and their module name: the model's longest ModuleList."""
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        raise StyletuneError(f"--train-layers: found no stack of transformer layers in {type(model).__name__}")
+    return max(lists, key=lambda item: len(item[1]))
+
+
+def top_layers(model, n: int | None) -> list[int] | None:
+    """Indices of the top ``n`` layers, or None for all of them."""
+    if n is None:
+        return None
+    total = len(layer_stack(model)[1])
+    if n > total:
+        raise StyletuneError(f"--train-layers {n}: the model has only {total} layers")
+    return list(range(total - n, total)) if n < total else None
+
+
+def freeze_below(model, layers: list[int]) -> None:
+    """Full fine-tuning of the top layers only: everything else is frozen except the norms
+    above the stack (and an untied output head). No frozen tensor below the first trained
+    layer needs a gradient, so autograd records nothing there and backward stops early."""
+    _, stack = layer_stack(model)
+    in_stack = {id(p) for p in stack.parameters()}
+    trained = {id(p) for i in layers for p in stack[i].parameters()}
+    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trained or (id(p) not in in_stack and id(p) not in embeddings))
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -174,8 +205,11 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if cfg.method == "lora":
         from peft import LoraConfig, get_peft_model
 
+        layers = top_layers(model, cfg.train_layers)
         lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=lora_targets(model, cfg), task_type="CAUSAL_LM")
+                          target_modules=lora_targets(model, cfg), task_type="CAUSAL_LM",
+                          layers_to_transform=layers,
+                          layers_pattern=layer_stack(model)[0].rsplit(".", 1)[-1] if layers else None)
         with warnings_quiet():
             model = get_peft_model(model, lcfg)
         if resume_from:
@@ -183,6 +217,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             from safetensors.torch import load_file
 
             set_peft_model_state_dict(model, load_file(resume_from / "adapter_model.safetensors"))
+    elif (layers := top_layers(model, cfg.train_layers)) is not None:
+        freeze_below(model, layers)
     model.to(device)
     model.config.use_cache = False
 
@@ -209,7 +245,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 
     def train_loss(batch: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=device.split(":")[0], dtype=amp_dtype, enabled=amp_dtype is not None):
-            return model(input_ids=batch, labels=batch).loss
+            return causal_lm_loss(model, batch)
 
     # ---- how many steps
     state = {"tokens_seen": 0, "elapsed_s": 0.0, "best_val_loss": None, "best_step": None, "evals_since_best": 0}
@@ -227,7 +263,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     else:
         total = plan_steps(cfg, micro_per_epoch, micro_batch, train_loss, model, echo)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * data.block_size
-    echo(f"training {cfg.method} on {device}{' with bf16 autocast' if amp_dtype else ''}: {total} steps, "
+    which = f" (top {cfg.train_layers} layers)" if cfg.train_layers else ""
+    echo(f"training {cfg.method}{which} on {device}{' with bf16 autocast' if amp_dtype else ''}: {total} steps, "
          f"{n_blocks} blocks of {data.block_size} tokens, ~{tokens_per_step} tokens/step")
 
     prompts = cfg.eval_prompts or default_prompts(data, tokenizer)
@@ -404,7 +441,7 @@ def evaluate_loss(model, blocks, batch_size: int, device: str, amp_dtype) -> flo
         if batch.shape[1] < 2:
             continue
         with torch.autocast(device_type=device.split(":")[0], dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = model(input_ids=batch, labels=batch).loss.float()
+            loss = causal_lm_loss(model, batch).float()
         n = batch.shape[0] * (batch.shape[1] - 1)
         total_loss += loss.item() * n
         total_tokens += n

@@ -366,6 +366,8 @@ def test_block_size_above_context(tmp_path, model_dir, corpus):
     (["--lr", "-1"], "--lr"),
     (["--val-fraction", "1.5"], "--val-fraction"),
     (["--filter", "nonsense"], "filter"),
+    (["--train-layers", "0"], "--train-layers"),
+    (["--train-layers", "3"], "only 2 layers"),
 ])
 def test_bad_options(tmp_path, model_dir, corpus, args, needle):
     line = one_line_error(run_cli("train", corpus, "--model", model_dir, "--out", tmp_path / "r", *args))
