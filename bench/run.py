@@ -361,6 +361,42 @@ def measure_styletune_train_top(s: Settings) -> dict:
     return result
 
 
+def _train_for_a_budget(s: Settings, train_layers: int | None) -> dict:
+    """Quality per wall-clock second: LoRA on the (de-duplicated) jokes for a fixed time budget
+    (2 min; 20 s with --quick), block 128, batch 8, then the validation perplexity."""
+    from styletune.config import DataConfig, TrainConfig
+
+    budget = "20s" if s.quick else "2m"
+    out = Path(s.workdir) / f"budget_run_{train_layers or 'all'}"
+    cfg = TrainConfig(out=str(out), model=s.styletune_model, method="lora",
+                      data=DataConfig(sources=[s.corpus_csv], column="Joke", block_size=128),
+                      batch_size=8, time_budget=budget, eval_every=10 ** 6, save_every=10 ** 6, seed=0,
+                      train_layers=train_layers)
+    t0 = time.perf_counter()
+    result = training_module().train(cfg, overwrite=True, echo=lambda line: None)
+    wall = time.perf_counter() - t0
+    return {
+        "value": result.val_ppl, "unit": f"val perplexity after {budget}",
+        "timing": f"--time-budget {budget}, the whole train() call {wall:.0f} s",
+        "notes": f"{'--train-layers ' + str(train_layers) if train_layers else 'every layer'}; {result.steps} steps, "
+                 f"{result.tokens_seen} tokens, last train loss {result.train_loss:.3f}",
+    }
+
+
+def measure_budget_all_layers(s: Settings) -> dict:
+    """``_train_for_a_budget`` training every layer (the default)."""
+    return _train_for_a_budget(s, None)
+
+
+def measure_budget_top_layers(s: Settings) -> dict:
+    """``_train_for_a_budget`` with ``--train-layers`` a quarter of the layers."""
+    import json
+
+    config = json.loads((Path(s.model_dir) / "config.json").read_text())
+    layers = config.get("num_hidden_layers") or config["n_layer"]
+    return _train_for_a_budget(s, max(1, round(layers / 4)))
+
+
 # ---------------------------------------------------------------------------------------------
 # Generation measurements
 
@@ -394,16 +430,19 @@ def _hf_generate(s: Settings, prompts: list[str]) -> dict:
     }
 
 
-def _styletune_generate(s: Settings, prompts: list[str], quantize: str | None = None) -> dict:
+def _styletune_generate(s: Settings, prompts: list[str], quantize: str | None = None, compile: bool = False) -> dict:
     """styletune's ``generate``, greedy, ``stop_at_eos=False`` so every row makes ``new_tokens`` tokens."""
     from styletune.config import DecodingConfig
     from styletune.decoding.engine import generate
     from styletune.models import load_model
 
-    lm = load_model(s.styletune_model, device="cpu", dtype="auto", quantize=quantize)
-    path = decode_path(lm)
+    kw = {"compile": True} if compile else {}  # an older styletune (start-of-run checkout) may lack it
+    lm = load_model(s.styletune_model, device="cpu", dtype="auto", quantize=quantize, **kw)
+    path = decode_path(lm) + (", torch.compile" if compile else "")
     dec = DecodingConfig(greedy=True, max_new_tokens=s.new_tokens, stop_at_eos=False)
+    t0 = time.perf_counter()
     generate(lm, prompts, DecodingConfig(greedy=True, max_new_tokens=s.warmup_new_tokens, stop_at_eos=False))
+    warmup_s = time.perf_counter() - t0
     holder = {}
     best, times = best_of(lambda: holder.update(out=generate(lm, prompts, dec)), s.repeats)
     samples = holder["out"]
@@ -412,7 +451,8 @@ def _styletune_generate(s: Settings, prompts: list[str], quantize: str | None = 
     return {
         "value": len(prompts) * s.new_tokens / best, "unit": "tokens/s",
         "timing": f"1 warm-up call ({s.warmup_new_tokens} tokens), best of {s.repeats}",
-        "notes": f"{dtype}, batch {len(prompts)}, decode step: {path}, times {fmt_times(times)}",
+        "notes": f"{dtype}, batch {len(prompts)}, decode step: {path}, times {fmt_times(times)}"
+                 + (f"; warm-up call incl. compilation {warmup_s:.1f} s" if compile else ""),
         "dtype": dtype, "token_ids": samples[0].token_ids, "eos_id": lm.eos_token_id, "seconds": best,
     }
 
@@ -445,9 +485,70 @@ def measure_styletune_generate_b1_int8(s: Settings) -> dict:
     return _styletune_generate(s, [PROMPT], quantize="int8")
 
 
+def measure_styletune_generate_b1_int8dyn(s: Settings) -> dict:
+    """One prompt with ``--quantize int8-dynamic`` (int8 weights and per-token int8 activations,
+    int8 x int8 products; llama.cpp likewise quantises activations to 8 bits for its dot products)."""
+    return _styletune_generate(s, [PROMPT], quantize="int8-dynamic")
+
+
+def measure_styletune_generate_b1_int8dyn_compile(s: Settings) -> dict:
+    """As ``styletune_generate_b1_int8dyn`` with ``--compile``: the decode step through
+    ``torch.compile``.  The warm-up call pays the compilation (reported in the notes; faster
+    when torch's on-disk compile cache already holds it)."""
+    return _styletune_generate(s, [PROMPT], quantize="int8-dynamic", compile=True)
+
+
+def measure_quant_quality(s: Settings) -> dict:
+    """What quantised decoding costs in quality: perplexity of the first 400 tokens of the
+    training corpus, fed token by token through styletune's decode step (exact, int8,
+    int8-dynamic), against transformers' forward on the same tokens."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from styletune.decoding import fast
+    from styletune.models import load_model
+
+    lm = load_model(s.styletune_model, device="cpu", dtype="float32")
+    if not fast.supports(lm.model):
+        return {"skipped": "the model has no lean decode step (quantisation does not apply)"}
+    text = " ".join(read_jokes(s.corpus_csv)[:60])
+    ids = lm.tokenizer(text, return_tensors="pt").input_ids[:, :400]
+    with torch.inference_mode():
+        ref = lm.model(ids).logits[0].float()
+    nll = {"transformers": F.cross_entropy(ref[:-1], ids[0, 1:]).item()}
+    agree = {}
+    for q in (None, "int8", "int8-dynamic"):
+        dec = fast.FastLlamaDecoder(lm.model, 1, ids.shape[1], quantize=q)
+        with torch.inference_mode():
+            out = lm.model(ids[:, :1], use_cache=True)
+        dec.load_cache(out.past_key_values)
+        rows = [out.logits[0, -1].float()]
+        for t in range(1, ids.shape[1] - 1):
+            rows.append(dec.step(ids[:, t:t + 1], torch.ones(1, t + 1, dtype=torch.long))[0])
+        logits = torch.stack(rows)
+        name = q or "exact"
+        nll[name] = F.cross_entropy(logits, ids[0, 1:]).item()
+        agree[name] = (logits.argmax(-1) == ref[:-1].argmax(-1)).float().mean().item()
+    ppl = {k: math.exp(v) for k, v in nll.items()}
+    return {
+        "value": ppl["int8-dynamic"] / ppl["transformers"], "unit": "x perplexity (int8-dynamic / fp32)",
+        "timing": f"{ids.shape[1]} tokens of the corpus, teacher-forced",
+        "notes": "perplexity " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items())
+                 + "; top-1 agreement with transformers " + ", ".join(f"{k} {v:.1%}" for k, v in agree.items()),
+    }
+
+
 def measure_styletune_generate_b8(s: Settings) -> dict:
     """styletune's decode loop on 8 different prompts at once (left-padded): 8 x new_tokens / time."""
     return _styletune_generate(s, PROMPTS_B8)
+
+
+def measure_styletune_generate_b8_int8dyn_compile(s: Settings) -> dict:
+    """The 8 prompts with ``--quantize int8-dynamic --compile``, to set against the batch-1 row
+    with the same settings."""
+    return _styletune_generate(s, PROMPTS_B8, quantize="int8-dynamic", compile=True)
 
 
 def measure_hf_generate_b8(s: Settings) -> dict:
@@ -544,10 +645,16 @@ MEASUREMENTS = {
     "plain_loop": ("train", "reference", measure_plain_loop),
     "styletune_train": ("train", "styletune", measure_styletune_train),
     "styletune_train_top": ("train", "styletune", measure_styletune_train_top),
+    "budget_all_layers": ("train", "styletune", measure_budget_all_layers),
+    "budget_top_layers": ("train", "styletune", measure_budget_top_layers),
     "hf_generate_b1": ("generate", "reference", measure_hf_generate_b1),
     "styletune_generate_b1": ("generate", "styletune", measure_styletune_generate_b1),
     "styletune_generate_b1_int8": ("generate", "styletune", measure_styletune_generate_b1_int8),
+    "styletune_generate_b1_int8dyn": ("generate", "styletune", measure_styletune_generate_b1_int8dyn),
+    "styletune_generate_b1_int8dyn_compile": ("generate", "styletune", measure_styletune_generate_b1_int8dyn_compile),
+    "quant_quality": ("generate", "styletune", measure_quant_quality),
     "styletune_generate_b8": ("generate", "styletune", measure_styletune_generate_b8),
+    "styletune_generate_b8_int8dyn_compile": ("generate", "styletune", measure_styletune_generate_b8_int8dyn_compile),
     "hf_generate_b8": ("generate", "reference", measure_hf_generate_b8),
     "llamacpp_b1": ("generate", "reference", measure_llamacpp_b1),
     "load_time": ("generate", "styletune", measure_load_time),
@@ -572,8 +679,16 @@ RATIOS = [
      "batch-1 tokens/s, both on quantised weights (int8 vs Q4_1)"),
     ("styletune_b1_int8 / hf_b1", "styletune_generate_b1_int8", "hf_generate_b1",
      "batch-1 tokens/s with --quantize int8 vs transformers generate"),
+    ("styletune_b1_int8dyn / llamacpp", "styletune_generate_b1_int8dyn", "llamacpp_b1",
+     "batch-1 tokens/s, --quantize int8-dynamic (W8A8) vs llama.cpp (Q4_1 weights, 8-bit activations)"),
+    ("styletune_b1_int8dyn_compile / llamacpp", "styletune_generate_b1_int8dyn_compile", "llamacpp_b1",
+     "the same with --compile"),
+    ("styletune_b1_int8dyn_compile / hf_b1", "styletune_generate_b1_int8dyn_compile", "hf_generate_b1",
+     "--quantize int8-dynamic --compile vs transformers generate fp32"),
     ("styletune_b8 / styletune_b1", "styletune_generate_b8", "styletune_generate_b1",
      "what batching 8 prompts buys in tokens/s"),
+    ("styletune_b8_int8dyn_compile / b1", "styletune_generate_b8_int8dyn_compile",
+     "styletune_generate_b1_int8dyn_compile", "what batching 8 prompts buys with --quantize int8-dynamic --compile"),
     ("styletune_b8 / hf_b8", "styletune_generate_b8", "hf_generate_b8",
      "batch-8 greedy tokens/s vs transformers generate"),
     ("load: gguf / cached", "load_time", "load_time_gguf",
@@ -707,14 +822,16 @@ def package_version(name: str) -> str:
 
 def merge_rounds(old: dict | None, new: dict) -> dict:
     """With ``--rounds N`` every child runs N times, in rotation with the others; keep the best
-    round (most tokens/s, fewest seconds), the largest peak RSS, and every round's figure."""
+    round (most tokens/s, fewest seconds, lowest perplexity), the largest peak RSS, and every
+    round's figure."""
     if old is None:
         return {**new, "round_values": [new["value"]] if "value" in new else [], "round_best": new}
     if "value" not in new:
         return old
     values = old["round_values"] + [new["value"]]
     best = old["round_best"]
-    if "value" not in best or (new["value"] < best["value"] if new["unit"] == "s" else new["value"] > best["value"]):
+    lower_is_better = new["unit"] == "s" or "perplexity" in new["unit"]
+    if "value" not in best or (new["value"] < best["value"] if lower_is_better else new["value"] > best["value"]):
         best = new
     return {**best, "round_values": values, "round_best": best,
             "peak_rss_mb": max(old.get("peak_rss_mb", 0), new["peak_rss_mb"]),

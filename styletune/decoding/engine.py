@@ -258,7 +258,8 @@ def _fast_decoder(lm, cache, batch: int, max_len: int):
 
     if not getattr(lm, "fast_decode", False) or not fast.supports(lm.model) or not hasattr(cache, "layers"):
         return None
-    decoder = fast.FastLlamaDecoder(lm.model, batch, max_len, quantize=getattr(lm, "quantize", None))
+    decoder = fast.FastLlamaDecoder(lm.model, batch, max_len, quantize=getattr(lm, "quantize", None),
+                                    compile=getattr(lm, "compile", False))
     decoder.load_cache(cache)
     return decoder
 
