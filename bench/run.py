@@ -298,7 +298,7 @@ def measure_plain_loop(s: Settings) -> dict:
     }
 
 
-def measure_styletune_train(s: Settings, train_layers: int | None = None) -> dict:
+def measure_styletune_train(s: Settings, train_layers: int | None = None, compile: bool = False) -> dict:
     """styletune's own training loop: ``styletune.train`` (``styletune.training.train``) with LoRA
     on the same jokes, block size and batch size as ``plain_loop``.
 
@@ -319,7 +319,7 @@ def measure_styletune_train(s: Settings, train_layers: int | None = None) -> dic
         # short end-of-epoch batch.
         data=DataConfig(sources=[s.corpus_csv], column="Joke", block_size=s.block_size, dedupe=False),
         batch_size=s.batch_size, max_steps=steps, eval_every=steps + 1, save_every=steps + 1, dtype="auto", seed=0,
-        train_layers=train_layers,
+        train_layers=train_layers, **({"compile": True} if compile else {}),
     )
     lines: list[str] = []
     t0 = time.perf_counter()
@@ -334,6 +334,8 @@ def measure_styletune_train(s: Settings, train_layers: int | None = None) -> dic
     seconds = sum(b["elapsed_s"] - a["elapsed_s"] for a, b in timed)
     logged = [r["tokens_per_s"] for r in rows[s.warmup_steps:]]
     autocast = next((ln for ln in lines if ln.startswith("training ")), "")
+    if any("torch.compile failed" in ln for ln in lines):
+        raise RuntimeError(next(ln for ln in lines if "torch.compile failed" in ln))
     return {
         "value": tokens / seconds, "unit": "useful tokens/s",
         "timing": f"{s.timed_steps} steps after {s.warmup_steps} warm-up, from metrics.jsonl",
@@ -347,7 +349,14 @@ def measure_styletune_train(s: Settings, train_layers: int | None = None) -> dic
     }
 
 
-def measure_styletune_train_top(s: Settings) -> dict:
+def measure_styletune_train_compile(s: Settings) -> dict:
+    """``styletune_train`` with ``compile=True`` (``--compile``): every transformer layer through
+    ``torch.compile``.  The warm-up step pays the compilation and is not timed; the notes give
+    the whole ``train()`` call, compilation included."""
+    return measure_styletune_train(s, compile=True)
+
+
+def measure_styletune_train_top(s: Settings, compile: bool = False) -> dict:
     """``styletune train --train-layers N`` with N a quarter of the model's layers (8 of
     SmolLM2's 30, 3 of GPT-2's 12): LoRA only there, so backward stops below them.
     Otherwise the same run as ``styletune_train``."""
@@ -356,9 +365,14 @@ def measure_styletune_train_top(s: Settings) -> dict:
     config = json.loads((Path(s.model_dir) / "config.json").read_text())
     layers = config.get("num_hidden_layers") or config["n_layer"]
     n = max(1, round(layers / 4))
-    result = measure_styletune_train(s, train_layers=n)
-    result["notes"] = f"--train-layers {n} of {layers}; " + result["notes"]
+    result = measure_styletune_train(s, train_layers=n, compile=compile)
+    result["notes"] = f"--train-layers {n} of {layers}{' --compile' if compile else ''}; " + result["notes"]
     return result
+
+
+def measure_styletune_train_top_compile(s: Settings) -> dict:
+    """``styletune_train_top`` with ``--compile`` as well."""
+    return measure_styletune_train_top(s, compile=True)
 
 
 def _train_for_a_budget(s: Settings, train_layers: int | None) -> dict:
@@ -644,7 +658,9 @@ MEASUREMENTS = {
     "trainer_padded": ("train", "reference", measure_trainer_padded),
     "plain_loop": ("train", "reference", measure_plain_loop),
     "styletune_train": ("train", "styletune", measure_styletune_train),
+    "styletune_train_compile": ("train", "styletune", measure_styletune_train_compile),
     "styletune_train_top": ("train", "styletune", measure_styletune_train_top),
+    "styletune_train_top_compile": ("train", "styletune", measure_styletune_train_top_compile),
     "budget_all_layers": ("train", "styletune", measure_budget_all_layers),
     "budget_top_layers": ("train", "styletune", measure_budget_top_layers),
     "hf_generate_b1": ("generate", "reference", measure_hf_generate_b1),
@@ -669,8 +685,12 @@ RATIOS = [
      "useful training tokens/s vs a hand-written LoRA loop"),
     ("styletune_train / trainer_padded", "styletune_train", "trainer_padded",
      "useful training tokens/s vs Trainer on padded records (full FT)"),
+    ("styletune_train_compile / plain_loop", "styletune_train_compile", "plain_loop",
+     "--compile vs the hand-written loop"),
     ("styletune_train_top / plain_loop", "styletune_train_top", "plain_loop",
      "--train-layers (top quarter) vs the hand-written loop training every layer"),
+    ("styletune_train_top_compile / plain_loop", "styletune_train_top_compile", "plain_loop",
+     "--train-layers (top quarter) --compile vs the hand-written loop training every layer"),
     ("styletune_b1 / hf_b1", "styletune_generate_b1", "hf_generate_b1",
      "batch-1 greedy tokens/s vs transformers generate"),
     ("styletune_b1 / llamacpp", "styletune_generate_b1", "llamacpp_b1",

@@ -338,7 +338,7 @@ def write(model, device, dtype, quantize, compile_step, **kwargs):
 # unset (None) keep the value from --config / the resumed run / the defaults.
 TRAIN_OPTIONS = ("model", "out", "method", "batch_size", "grad_accum", "lr", "epochs", "max_steps", "time_budget",
                  "eval_every", "save_every", "keep_checkpoints", "seed", "device", "dtype", "lora_r", "lora_alpha",
-                 "lora_dropout", "train_layers", "patience", "weight_decay", "warmup_fraction", "eval_max_new_tokens")
+                 "lora_dropout", "train_layers", "compile", "patience", "weight_decay", "warmup_fraction", "eval_max_new_tokens")
 DATA_OPTIONS = ("column", "field", "split", "val_fraction", "val", "block_size", "glob", "encoding", "ascii_only",
                 "strip_gutenberg", "dedupe", "normalize")
 
@@ -381,6 +381,8 @@ DATA_OPTIONS = ("column", "field", "split", "val_fraction", "val", "block_size",
 @click.option("--lora-r", type=int, help="LoRA rank [default: 16].")
 @click.option("--lora-alpha", type=int, help="LoRA alpha [default: 32].")
 @click.option("--lora-dropout", type=float, help="LoRA dropout [default: 0.05].")
+@click.option("--compile/--no-compile", default=None, help="torch.compile the transformer layers for "
+              "training (a one-off compilation of ~30 s; evaluation stays eager) [default: off].")
 @click.option("--train-layers", type=int, help="Train only the top N transformer layers; faster, since "
               "backward stops below them [default: all].")
 @click.option("--seed", type=int, help="Seed for the split, data order and dropout [default: 0].")

@@ -175,6 +175,8 @@ class TrainConfig:
     lora_dropout: float = 0.05
     lora_targets: list[str] | None = None
     """Module names to adapt; default chosen per architecture."""
+    compile: bool = False
+    """``torch.compile`` each transformer layer for the training steps (evaluation and samples stay eager)."""
     train_layers: int | None = None
     """Train only the top N transformer layers (LoRA or full); backward stops below them.
     Default: every layer."""

@@ -98,6 +98,22 @@ def freeze_below(model, layers: list[int]) -> None:
         p.requires_grad_(id(p) in trained or (id(p) not in in_stack and id(p) not in embeddings))
 
 
+def compile_layers(model) -> list[torch.nn.Module]:
+    """Regional compilation: each transformer layer through ``torch.compile`` (one graph, reused
+    by every layer of the same shape), the rest of the model eager."""
+    layers = list(layer_stack(model)[1])
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward, dynamic=False)
+    return layers
+
+
+def uncompile_layers(layers: list[torch.nn.Module]) -> None:
+    for layer in layers:
+        if "forward" in vars(layer):
+            del layer.forward  # back to the class's own forward
+    layers.clear()
+
+
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to ``min_lr_fraction`` of the peak."""
     peak = cfg.peak_lr
@@ -243,9 +259,23 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         idx = epoch_order(epoch)[i * cfg.batch_size:(i + 1) * cfg.batch_size].tolist()
         return train_blocks[idx]["input_ids"].to(device)
 
+    compiled = compile_layers(model) if cfg.compile else []
+
     def train_loss(batch: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=device.split(":")[0], dtype=amp_dtype, enabled=amp_dtype is not None):
-            return causal_lm_loss(model, batch)
+            if not compiled:
+                return causal_lm_loss(model, batch)
+            try:
+                return causal_lm_loss(model, batch)
+            except Exception as exc:  # noqa: BLE001 - a compiler failure means: train eagerly
+                echo(f"warning: torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                     "training without it")
+                uncompile_layers(compiled)
+                return causal_lm_loss(model, batch)
+
+    def eager():
+        """Evaluation and sampling run eagerly: their shapes change, and compiling them would not pay."""
+        return torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()
 
     # ---- how many steps
     state = {"tokens_seen": 0, "elapsed_s": 0.0, "best_val_loss": None, "best_step": None, "evals_since_best": 0}
@@ -263,7 +293,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     else:
         total = plan_steps(cfg, micro_per_epoch, micro_batch, train_loss, model, echo)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * data.block_size
-    which = f" (top {cfg.train_layers} layers)" if cfg.train_layers else ""
+    which = (f" (top {cfg.train_layers} layers)" if cfg.train_layers else "") + (", compiled" if compiled else "")
     echo(f"training {cfg.method}{which} on {device}{' with bf16 autocast' if amp_dtype else ''}: {total} steps, "
          f"{n_blocks} blocks of {data.block_size} tokens, ~{tokens_per_step} tokens/step")
 
@@ -328,7 +358,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                     on_step(step, model)
                 last = step == total
                 if step % cfg.eval_every == 0 or last:
-                    val = evaluate_loss(model, data.val, cfg.batch_size, device, amp_dtype)
+                    with eager():
+                        val = evaluate_loss(model, data.val, cfg.batch_size, device, amp_dtype)
                     model.train()
                     if val is not None:
                         last_val = val
@@ -339,7 +370,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                         else:
                             state["evals_since_best"] += 1
                         _write_metric(metrics, {"step": step, "val_loss": round(val, 6), "val_ppl": round(math.exp(val), 4)})
-                    samples = sample_prompts(model, tokenizer, prompts, cfg, device)
+                    with eager():
+                        samples = sample_prompts(model, tokenizer, prompts, cfg, device)
                     model.train()
                     _log_samples(out, step, samples)
                     echo(f"step {step}/{total}: loss {loss_value:.4f}"

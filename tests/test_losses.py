@@ -134,3 +134,33 @@ def test_train_layers_trains_only_the_top_layers(tmp_path, train_model_dirs, cor
     got = losses(cfg.out)
     assert sum(got[-3:]) / 3 < 0.95 * sum(got[:3]) / 3, got
     assert math.isfinite(result.val_loss)
+
+
+# ------------------------------------------------------------------------------ --compile
+
+def test_compiled_training_gives_the_losses_of_eager_training(tmp_path, train_model_dirs, corpus):
+    runs = {}
+    for compile in (False, True):
+        cfg = config(tmp_path / str(compile), train_model_dirs["llama"], corpus, lr=1e-2, max_steps=4,
+                     eval_every=4, save_every=4, lora_dropout=0.0, compile=compile)
+        lines = []
+        result = train(cfg, echo=lines.append)
+        runs[compile] = (losses(cfg.out), result.val_loss, lines)
+    assert not [line for line in runs[True][2] if "torch.compile failed" in line], runs[True][2]
+    assert any("compiled" in line for line in runs[True][2])
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-4)
+    assert runs[True][1] == pytest.approx(runs[False][1], rel=1e-4)
+
+
+def test_a_failing_compiler_falls_back_to_eager_training(tmp_path, train_model_dirs, corpus, monkeypatch):
+    def broken(fn, **kw):
+        def run(*args, **kwargs):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    cfg = config(tmp_path, train_model_dirs["llama"], corpus, max_steps=3, eval_every=3, save_every=3, compile=True)
+    lines = []
+    result = train(cfg, echo=lines.append)
+    assert [line for line in lines if "torch.compile failed (RuntimeError: no C++ compiler)" in line]
+    assert result.steps == 3 and len(losses(cfg.out)) == 3
