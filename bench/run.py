@@ -452,7 +452,9 @@ def _styletune_generate(s: Settings, prompts: list[str], quantize: str | None = 
 
     kw = {"compile": True} if compile else {}  # an older styletune (start-of-run checkout) may lack it
     lm = load_model(s.styletune_model, device="cpu", dtype="auto", quantize=quantize, **kw)
-    path = decode_path(lm) + (", torch.compile" if compile else "")
+    path = decode_path(lm)
+    if compile and path.startswith("styletune.decoding.fast"):  # --compile applies to that step only
+        path += ", torch.compile"
     dec = DecodingConfig(greedy=True, max_new_tokens=s.new_tokens, stop_at_eos=False)
     t0 = time.perf_counter()
     generate(lm, prompts, DecodingConfig(greedy=True, max_new_tokens=s.warmup_new_tokens, stop_at_eos=False))
