@@ -356,15 +356,20 @@ def measure_styletune_train_compile(s: Settings) -> dict:
     return measure_styletune_train(s, compile=True)
 
 
-def measure_styletune_train_top(s: Settings, compile: bool = False) -> dict:
-    """``styletune train --train-layers N`` with N a quarter of the model's layers (8 of
-    SmolLM2's 30, 3 of GPT-2's 12): LoRA only there, so backward stops below them.
-    Otherwise the same run as ``styletune_train``."""
+def quarter_of_layers(s: Settings) -> tuple[int, int]:
+    """(a quarter of the model's layers, all of them): 8 of SmolLM2's 30, 3 of GPT-2's 12."""
     import json
 
     config = json.loads((Path(s.model_dir) / "config.json").read_text())
     layers = config.get("num_hidden_layers") or config["n_layer"]
-    n = max(1, round(layers / 4))
+    return max(1, round(layers / 4)), layers
+
+
+def measure_styletune_train_top(s: Settings, compile: bool = False) -> dict:
+    """``styletune train --train-layers N`` with N a quarter of the model's layers
+    (:func:`quarter_of_layers`): LoRA only there, so backward stops below them.
+    Otherwise the same run as ``styletune_train``."""
+    n, layers = quarter_of_layers(s)
     result = measure_styletune_train(s, train_layers=n, compile=compile)
     result["notes"] = f"--train-layers {n} of {layers}{' --compile' if compile else ''}; " + result["notes"]
     return result
@@ -404,11 +409,7 @@ def measure_budget_all_layers(s: Settings) -> dict:
 
 def measure_budget_top_layers(s: Settings) -> dict:
     """``_train_for_a_budget`` with ``--train-layers`` a quarter of the layers."""
-    import json
-
-    config = json.loads((Path(s.model_dir) / "config.json").read_text())
-    layers = config.get("num_hidden_layers") or config["n_layer"]
-    return _train_for_a_budget(s, max(1, round(layers / 4)))
+    return _train_for_a_budget(s, quarter_of_layers(s)[0])
 
 
 # ---------------------------------------------------------------------------------------------

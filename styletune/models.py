@@ -297,7 +297,9 @@ def load_model(name: str | None = None, device: str = "auto", dtype: str = "auto
         compile: ``torch.compile`` the decode step of Llama-family models (the first
             generation pays the compilation, seconds with a warm cache, ~40 s without).
     """
-    if quantize not in (None, "none", "int8", "int8-dynamic"):
+    from .decoding.fast import QUANTIZE
+
+    if quantize not in (*QUANTIZE, "none"):
         raise StyletuneError(f"--quantize must be none, int8 or int8-dynamic, got {quantize}")
     source = resolve(name)
     dev = pick_device(device)

@@ -218,10 +218,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         model = AutoModelForCausalLM.from_pretrained(resume_from, dtype=torch.float32)
     # Seeds LoRA's initialisation and dropout; a resumed run restores the RNG from its checkpoint.
     torch.manual_seed(cfg.seed)
+    layers = top_layers(model, cfg.train_layers)
     if cfg.method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        layers = top_layers(model, cfg.train_layers)
         lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=lora_targets(model, cfg), task_type="CAUSAL_LM",
                           layers_to_transform=layers,
@@ -233,7 +233,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             from safetensors.torch import load_file
 
             set_peft_model_state_dict(model, load_file(resume_from / "adapter_model.safetensors"))
-    elif (layers := top_layers(model, cfg.train_layers)) is not None:
+    elif layers is not None:
         freeze_below(model, layers)
     model.to(device)
     model.config.use_cache = False
@@ -263,11 +263,11 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 
     def train_loss(batch: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=device.split(":")[0], dtype=amp_dtype, enabled=amp_dtype is not None):
-            if not compiled:
-                return causal_lm_loss(model, batch)
             try:
                 return causal_lm_loss(model, batch)
             except Exception as exc:  # noqa: BLE001 - a compiler failure means: train eagerly
+                if not compiled:
+                    raise
                 echo(f"warning: torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
                      "training without it")
                 uncompile_layers(compiled)

@@ -40,6 +40,13 @@ def supports(model) -> bool:
             and getattr(cfg, "pretraining_tp", 1) == 1)
 
 
+def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one fp32 scale per output row: (int8 (out, in) contiguous, scale (out,))."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), scale
+
+
 class _Int8Linear:
     """Weight-only int8 with one scale per output row: y = (x @ Wq^T) * scale.
 
@@ -49,9 +56,7 @@ class _Int8Linear:
     """
 
     def __init__(self, weight: torch.Tensor):
-        w = weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # (out,)
-        self.weight = torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8).contiguous()
+        self.weight, scale = _int8_rows(weight)
         self.scale = scale.to(torch.bfloat16)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,11 +75,8 @@ class _Int8DynamicLinear:
     """
 
     def __init__(self, weight: torch.Tensor):
-        w = weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # (out,)
         # Kept (out, in) row-major and used through its transpose: _int_mm's fastest layout here.
-        self.weight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-        self.scale = scale
+        self.weight, self.scale = _int8_rows(weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -158,7 +160,6 @@ class FastLlamaDecoder:
         self.scaling = self.head_dim ** -0.5
         self.quantize = quantize
         dtype, device = model.dtype, model.device
-        self.dtype = dtype
         inner = model.model
         self.layers, self.head = _weights(model, quantize)
         self.norm = inner.norm.weight
