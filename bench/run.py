@@ -456,6 +456,11 @@ def _styletune_generate(s: Settings, prompts: list[str], quantize: str | None = 
     path = decode_path(lm)
     if compile and path.startswith("styletune.decoding.fast"):  # --compile applies to that step only
         path += ", torch.compile"
+    if path == "styletune.decoding.fast" and not compile:
+        from styletune.decoding import fast
+
+        if len(prompts) >= getattr(fast, "PACK_MIN_ROWS", float("inf")) and fast.can_pack(lm.model):
+            path += " (MKL-packed fp32 weights)"
     dec = DecodingConfig(greedy=True, max_new_tokens=s.new_tokens, stop_at_eos=False)
     t0 = time.perf_counter()
     generate(lm, prompts, DecodingConfig(greedy=True, max_new_tokens=s.warmup_new_tokens, stop_at_eos=False))

@@ -22,29 +22,72 @@ def test_supported_architectures(llama, tiny_gpt2):
     assert not fast.supports(tiny_gpt2)
 
 
-@pytest.mark.parametrize("quantize,tol,compile", [(None, 1e-5, False), ("int8", 5e-2, False),
-                                                  ("int8-dynamic", 5e-2, False), (None, 1e-5, True),
-                                                  ("int8-dynamic", 5e-2, True)])
-def test_step_logits_match_transformers(llama, quantize, tol, compile, recwarn):
-    """Decode 6 tokens for a left-padded batch both ways and compare every step's logits."""
-    tok = llama.tokenizer
-    rows = [tok(p)["input_ids"] for p in PROMPTS]
-    ids, mask = left_pad(rows, tok.pad_token_id, "cpu")
-    ref_logits, cache = forward_step(llama.model, ids, mask)
-    _, cache2 = forward_step(llama.model, ids, mask)
-    dec = fast.FastLlamaDecoder(llama.model, batch=2, max_len=ids.shape[1] + 6, quantize=quantize, compile=compile)
+def _decode_both_ways(lm, prompts, steps, **options):
+    """Decode ``steps`` tokens of a left-padded batch with transformers and with the lean step;
+    yields (transformers logits, lean logits) per step."""
+    tok = lm.tokenizer
+    ids, mask = left_pad([tok(p)["input_ids"] for p in prompts], tok.pad_token_id, "cpu")
+    ref_logits, cache = forward_step(lm.model, ids, mask)
+    _, cache2 = forward_step(lm.model, ids, mask)
+    dec = fast.FastLlamaDecoder(lm.model, batch=len(prompts), max_len=ids.shape[1] + steps, **options)
     dec.load_cache(cache2)
-    for _ in range(6):
+    for _ in range(steps):
         nxt = ref_logits.argmax(-1, keepdim=True)
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-        ref_logits, cache = forward_step(llama.model, nxt, mask, cache)
-        got = dec.step(nxt, mask)
+        ref_logits, cache = forward_step(lm.model, nxt, mask, cache)
+        yield ref_logits, dec.step(nxt, mask), dec
+
+
+@pytest.mark.parametrize("quantize,tol,compile,batch", [
+    (None, 1e-5, False, 2), ("int8", 5e-2, False, 2), ("int8-dynamic", 5e-2, False, 2), (None, 1e-5, True, 2),
+    ("int8-dynamic", 5e-2, True, 2), (None, 1e-5, False, 5), (None, 1e-5, True, 5)])
+def test_step_logits_match_transformers(llama, quantize, tol, compile, batch, recwarn):
+    """Decode 6 tokens for a left-padded batch both ways and compare every step's logits.
+    From PACK_MIN_ROWS rows on, eager fp32 CPU decoding goes through MKL-packed weights."""
+    prompts = (PROMPTS * batch)[:batch]
+    for ref_logits, got, dec in _decode_both_ways(llama, prompts, 6, quantize=quantize, compile=compile):
         scale = ref_logits.abs().max()
         assert (got - ref_logits).abs().max() <= tol * scale
+    # (compiled steps keep the plain product: inductor cannot lower the packed one)
+    assert dec.packed == (quantize is None and not compile and batch >= fast.PACK_MIN_ROWS
+                          and fast.can_pack(llama.model))
     # A compiled step that fell back to eager would warn; it must not have.
     assert not [str(w.message) for w in recwarn if "decode step failed" in str(w.message)]
     if compile:
         assert dec.max_len % fast.COMPILE_BUCKET == 0  # fixed, bucketed shapes
+
+
+def test_mkl_packing_is_used_where_torch_has_it():
+    """The x86 CPU wheels this project installs have MKL: the batch path must not silently
+    degrade to the plain product there."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("MKL ships with torch's x86 wheels only")
+    assert torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+
+
+def test_without_mkl_batches_use_the_model_weights(llama, monkeypatch):
+    monkeypatch.setattr(fast, "can_pack", lambda model: False)
+    for ref_logits, got, dec in _decode_both_ways(llama, PROMPTS * 2, 2):
+        assert (got - ref_logits).abs().max() <= 1e-5 * ref_logits.abs().max()
+    assert not dec.packed and dec.layers[0]["q"].weight is llama.model.model.layers[0].self_attn.q_proj.weight
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_derived_weights_follow_in_place_updates(tiny_model_dirs, quantize):
+    """Packed and int8 copies are cached per model; a weight changed in place (an optimizer
+    step, a loaded state dict) must invalidate them."""
+    lm = load_model(str(tiny_model_dirs["llama"]), device="cpu", dtype="float32")
+    prompts = PROMPTS * 2
+    tol = 5e-2 if quantize else 1e-5
+    list(_decode_both_ways(lm, prompts, 1, quantize=quantize))  # fills the cache
+    with torch.no_grad():
+        lm.model.model.layers[0].mlp.down_proj.weight.mul_(3.0)
+        lm.model.lm_head.weight.add_(0.05)
+    for ref_logits, got, dec in _decode_both_ways(lm, prompts, 2, quantize=quantize):
+        assert (got - ref_logits).abs().max() <= tol * ref_logits.abs().max()
+    assert dec.packed == (quantize is None and fast.can_pack(lm.model))
 
 
 def test_engine_uses_the_fast_step_and_matches_the_slow_path(llama, monkeypatch):
