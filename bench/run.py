@@ -658,6 +658,59 @@ def measure_load_time_hf_dir(s: Settings) -> dict:
             "notes": f"times {fmt_times(times)}", "seconds": best}
 
 
+def measure_train_matmul_floor(s: Settings) -> dict:
+    """A bound, not a loop: the matrix products one LoRA training step cannot avoid, timed alone.
+
+    For every projection of every layer and for the output head: the forward product
+    ``x @ W^T`` and the backward product for the input gradient ``dy @ W`` (frozen weights
+    need no weight gradient; LoRA's own rank-r products are left out), on a batch of
+    ``batch_size x block_size`` tokens, in the plain loop's dtype.  Attention, norms, the loss
+    and the optimizer are left out too, so no loop that computes the same arithmetic on this
+    CPU can beat this figure: ``train_matmul_floor / plain_loop`` is the most any such loop
+    could gain.
+    """
+    import torch
+
+    from styletune.models import cpu_has_bf16
+
+    model, _tok = load_reference_model(s, torch.float32)
+    dtype = torch.bfloat16 if cpu_has_bf16() else torch.float32
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - older transformers
+        Conv1D = ()
+    weights = []  # (out, in) views, as F.linear sees them
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            weights.append(module.weight.detach().to(dtype))
+        elif Conv1D and isinstance(module, Conv1D):  # GPT-2 stores (in, out)
+            weights.append(module.weight.detach().t().to(dtype))
+    tokens = s.batch_size * s.block_size
+    by_in = {}
+    for w in weights:
+        by_in.setdefault(w.shape[1], torch.randn(tokens, w.shape[1], dtype=dtype))
+    by_out = {}
+    for w in weights:
+        by_out.setdefault(w.shape[0], torch.randn(tokens, w.shape[0], dtype=dtype))
+    flops = sum(2 * 2 * tokens * w.shape[0] * w.shape[1] for w in weights)
+
+    def one_step():
+        with torch.no_grad():
+            for w in weights:
+                torch.nn.functional.linear(by_in[w.shape[1]], w)  # forward
+                torch.mm(by_out[w.shape[0]], w)  # input gradient
+    one_step()
+    best, times = best_of(one_step, 3)
+    return {
+        "value": tokens / best, "unit": "useful tokens/s (upper bound)",
+        "timing": "1 warm-up pass, best of 3",
+        "notes": f"{len(weights)} weight matrices, forward + input-gradient products for {tokens} tokens, "
+                 f"{str(dtype).replace('torch.', '')}: {flops / 1e12:.2f} TFLOP per step, "
+                 f"{flops / best / 1e9:.0f} GFLOP/s; times {fmt_times(times)}",
+        "seconds": best,
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # The registry: name -> (group, role, function), in the order they run
 
@@ -669,6 +722,7 @@ MEASUREMENTS = {
     "styletune_train_compile": ("train", "styletune", measure_styletune_train_compile),
     "styletune_train_top": ("train", "styletune", measure_styletune_train_top),
     "styletune_train_top_compile": ("train", "styletune", measure_styletune_train_top_compile),
+    "train_matmul_floor": ("train", "bound", measure_train_matmul_floor),
     "budget_all_layers": ("train", "styletune", measure_budget_all_layers),
     "budget_top_layers": ("train", "styletune", measure_budget_top_layers),
     "hf_generate_b1": ("generate", "reference", measure_hf_generate_b1),
@@ -693,6 +747,8 @@ RATIOS = [
      "useful training tokens/s vs a hand-written LoRA loop"),
     ("styletune_train / trainer_padded", "styletune_train", "trainer_padded",
      "useful training tokens/s vs Trainer on padded records (full FT)"),
+    ("train_matmul_floor / plain_loop", "train_matmul_floor", "plain_loop",
+     "the most any loop doing the same products on this CPU could gain over the hand-written one"),
     ("styletune_train_compile / plain_loop", "styletune_train_compile", "plain_loop",
      "--compile vs the hand-written loop"),
     ("styletune_train_top / plain_loop", "styletune_train_top", "plain_loop",
