@@ -246,7 +246,7 @@ def packed_blocks(tok, jokes: list[str], block_size: int):
     return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
 
 
-def measure_plain_loop(s: Settings) -> dict:
+def measure_plain_loop(s: Settings, lora_dropout: float = 0.05) -> dict:
     """Reference: the smallest correct LoRA loop, written by hand.
 
     peft LoRA (r=16, alpha=32, dropout 0.05, styletune's target modules for this
@@ -265,7 +265,7 @@ def measure_plain_loop(s: Settings) -> dict:
     model.config.use_cache = False
     targets = LORA_TARGETS.get(model.config.model_type, "all-linear")
     torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets,
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=lora_dropout, target_modules=targets,
                                              task_type="CAUSAL_LM"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     blocks = packed_blocks(tok, read_jokes(s.corpus_csv), s.block_size)
@@ -291,14 +291,21 @@ def measure_plain_loop(s: Settings) -> dict:
     return {
         "value": tokens / seconds, "unit": "useful tokens/s",
         "timing": f"{s.timed_steps} steps after {s.warmup_steps} warm-up, summed step times",
-        "notes": f"LoRA on {','.join(targets) if isinstance(targets, list) else targets}, "
+        "notes": f"LoRA on {','.join(targets) if isinstance(targets, list) else targets}, dropout {lora_dropout}, "
                  f"autocast {'bf16' if bf16 else 'off (fp32)'}, {len(blocks)} blocks, "
                  f"steps {fmt_times(times[s.warmup_steps:])}",
         "steps_timed": s.timed_steps, "seconds": seconds, "autocast": "bf16" if bf16 else "fp32",
     }
 
 
-def measure_styletune_train(s: Settings, train_layers: int | None = None, compile: bool = False) -> dict:
+def measure_plain_loop_nodrop(s: Settings) -> dict:
+    """``plain_loop`` with LoRA dropout 0 (peft's default): the reference for the rows that
+    switch dropout off, so that their ratio measures the loop and not the hyperparameter."""
+    return measure_plain_loop(s, lora_dropout=0.0)
+
+
+def measure_styletune_train(s: Settings, train_layers: int | None = None, compile: bool = False,
+                            lora_dropout: float | None = None) -> dict:
     """styletune's own training loop: ``styletune.train`` (``styletune.training.train``) with LoRA
     on the same jokes, block size and batch size as ``plain_loop``.
 
@@ -320,6 +327,7 @@ def measure_styletune_train(s: Settings, train_layers: int | None = None, compil
         data=DataConfig(sources=[s.corpus_csv], column="Joke", block_size=s.block_size, dedupe=False),
         batch_size=s.batch_size, max_steps=steps, eval_every=steps + 1, save_every=steps + 1, dtype="auto", seed=0,
         train_layers=train_layers, **({"compile": True} if compile else {}),
+        **({"lora_dropout": lora_dropout} if lora_dropout is not None else {}),
     )
     lines: list[str] = []
     t0 = time.perf_counter()
@@ -340,7 +348,7 @@ def measure_styletune_train(s: Settings, train_layers: int | None = None, compil
         "value": tokens / seconds, "unit": "useful tokens/s",
         "timing": f"{s.timed_steps} steps after {s.warmup_steps} warm-up, from metrics.jsonl",
         "notes": f"{'bf16 autocast' if 'bf16' in autocast else 'fp32 (no autocast)'}; "
-                 f"steps {fmt_times([b['elapsed_s'] - a['elapsed_s'] for a, b in timed])}; "
+                 f"LoRA dropout {cfg.lora_dropout}; steps {fmt_times([b['elapsed_s'] - a['elapsed_s'] for a, b in timed])}; "
                  f"metrics tokens_per_s {'/'.join(f'{v:.0f}' for v in logged)}; "
                  f"whole train() call {wall:.1f} s for {result.steps} steps; "
                  "losses " + "/".join(f"{r['loss']:.3f}" for r in rows),
@@ -354,6 +362,17 @@ def measure_styletune_train_compile(s: Settings) -> dict:
     ``torch.compile``.  The warm-up step pays the compilation and is not timed; the notes give
     the whole ``train()`` call, compilation included."""
     return measure_styletune_train(s, compile=True)
+
+
+def measure_styletune_train_nodrop(s: Settings) -> dict:
+    """``styletune train --lora-dropout 0``: LoRA's dropout masks (a Bernoulli draw over every
+    LoRA input, 7 per layer) are a large share of a CPU step."""
+    return measure_styletune_train(s, lora_dropout=0.0)
+
+
+def measure_styletune_train_nodrop_compile(s: Settings) -> dict:
+    """``styletune train --lora-dropout 0 --compile``."""
+    return measure_styletune_train(s, compile=True, lora_dropout=0.0)
 
 
 def quarter_of_layers(s: Settings) -> tuple[int, int]:
@@ -720,6 +739,9 @@ MEASUREMENTS = {
     "plain_loop": ("train", "reference", measure_plain_loop),
     "styletune_train": ("train", "styletune", measure_styletune_train),
     "styletune_train_compile": ("train", "styletune", measure_styletune_train_compile),
+    "plain_loop_nodrop": ("train", "reference", measure_plain_loop_nodrop),
+    "styletune_train_nodrop": ("train", "styletune", measure_styletune_train_nodrop),
+    "styletune_train_nodrop_compile": ("train", "styletune", measure_styletune_train_nodrop_compile),
     "styletune_train_top": ("train", "styletune", measure_styletune_train_top),
     "styletune_train_top_compile": ("train", "styletune", measure_styletune_train_top_compile),
     "train_matmul_floor": ("train", "bound", measure_train_matmul_floor),
@@ -751,6 +773,12 @@ RATIOS = [
      "the most any loop doing the same products on this CPU could gain over the hand-written one"),
     ("styletune_train_compile / plain_loop", "styletune_train_compile", "plain_loop",
      "--compile vs the hand-written loop"),
+    ("styletune_train_nodrop / plain_loop_nodrop", "styletune_train_nodrop", "plain_loop_nodrop",
+     "both with LoRA dropout 0"),
+    ("styletune_train_nodrop_compile / plain_loop_nodrop", "styletune_train_nodrop_compile", "plain_loop_nodrop",
+     "--lora-dropout 0 --compile vs the hand-written loop with dropout 0"),
+    ("styletune_train_nodrop_compile / plain_loop", "styletune_train_nodrop_compile", "plain_loop",
+     "--lora-dropout 0 --compile vs the hand-written loop with dropout 0.05"),
     ("styletune_train_top / plain_loop", "styletune_train_top", "plain_loop",
      "--train-layers (top quarter) vs the hand-written loop training every layer"),
     ("styletune_train_top_compile / plain_loop", "styletune_train_top_compile", "plain_loop",
