@@ -142,3 +142,13 @@ def test_cli_compile_and_quantize_flags(tiny_model_dirs):
     assert '"text"' in r.output
     bad = CliRunner().invoke(main, ["generate", "x", "--model", str(tiny_model_dirs["llama"]), "--quantize", "int4"])
     assert bad.exit_code == 2 and "int8-dynamic" in bad.output
+
+
+def test_one_packed_copy_per_model(tiny_model_dirs):
+    """Each packed set is a full copy of the weights: a new batch size replaces the last one."""
+    lm = load_model(str(tiny_model_dirs["llama"]), device="cpu", dtype="float32")
+    if not fast.can_pack(lm.model):
+        pytest.skip("no MKL packed GEMM in this torch build")
+    for rows in (4, 6, 6):
+        list(_decode_both_ways(lm, (PROMPTS * rows)[:rows], 1))
+    assert [k for k in fast._DERIVED[lm.model] if isinstance(k, tuple)] == [("packed", 6)]

@@ -158,6 +158,10 @@ def _weights(model, quantize: str | None, rows: int = 1, pack: bool = True):
     sig = _signature(model) if kind else None
     if kind in entries and entries[kind][0] == sig:
         return entries[kind][1]
+    # Drop what is about to be replaced before building, so two copies never coexist: a stale
+    # entry of this kind, and any packed set (one per model, for its latest batch size).
+    for k in [k for k in entries if k == kind or (isinstance(k, tuple) and isinstance(kind, tuple))]:
+        del entries[k]
     if kind is None:
         Proj = _Dense
     elif quantize:
@@ -182,9 +186,6 @@ def _weights(model, quantize: str | None, rows: int = 1, pack: bool = True):
         layers.append(entry)
     weights = layers, Proj(model.lm_head.weight)
     if kind:
-        if not quantize:  # one packed set per model (for its latest batch size): each is a full copy
-            for k in [k for k in entries if isinstance(k, tuple)]:
-                del entries[k]
         entries[kind] = (sig, weights)
     return weights
 
