@@ -122,8 +122,9 @@ class _PackedDense:
         return y.reshape(*shape[:-1], -1)
 
 
-# Batches of at least this many rows decode through MKL-packed weights (below it the plain
-# product is as fast: measured 43 vs 48 ms per step at 1 row, 46 vs 46 at 2).
+# Batches of at least this many rows decode through MKL-packed weights. The products of one
+# SmolLM2 decode step, plain vs packed, measured here: 43 vs 48 ms at 1 row, 46 vs 46 at 2,
+# 56 vs 64 at 3, 80 vs 55 at 4, 100 vs 80 at 8, 116 vs 84 at 16.
 PACK_MIN_ROWS = 4
 
 
