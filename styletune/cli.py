@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from .config import DEFAULT_MODEL, DecodingConfig
+from .config import DEFAULT_MODEL, QUANTIZE_CHOICES, DecodingConfig
 from .errors import StyletuneError
 
 
@@ -65,7 +65,7 @@ def model_options(f):
                   help="Registry name, hub id, model directory, styletune run directory or .gguf file.")
     @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
     @click.option("--dtype", default="auto", show_default=True, help="auto, float32, bfloat16 or float16.")
-    @click.option("--quantize", type=click.Choice(["none", "int8", "int8-dynamic"]), default="none", show_default=True,
+    @click.option("--quantize", type=click.Choice(QUANTIZE_CHOICES), default="none", show_default=True,
                   help="Llama-family decoding on CPU with int8 weights (int8: ~1% logit error) or int8 weights "
                   "and activations (int8-dynamic: faster, perplexity ~+2%).")
     @functools.wraps(f)

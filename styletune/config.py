@@ -16,6 +16,17 @@ from .errors import StyletuneError
 
 DEFAULT_MODEL = "smollm2-135m"
 
+QUANTIZE_CHOICES = ("none", "int8", "int8-dynamic")
+"""``--quantize`` values: exact decoding, weight-only int8, int8 weights and activations."""
+
+
+def check_quantize(value: str | None) -> str | None:
+    """The ``--quantize`` value as the decoder takes it (``None`` for exact), or a clear error."""
+    if value is not None and value not in QUANTIZE_CHOICES:
+        raise StyletuneError(f"--quantize must be {', '.join(QUANTIZE_CHOICES[:-1])} or {QUANTIZE_CHOICES[-1]}, "
+                             f"got {value}")
+    return None if value in (None, "none") else value
+
 
 @dataclass
 class DecodingConfig:

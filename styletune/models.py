@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_MODEL
+from .config import DEFAULT_MODEL, check_quantize
 from .errors import StyletuneError
 
 log = logging.getLogger(__name__)
@@ -297,10 +297,7 @@ def load_model(name: str | None = None, device: str = "auto", dtype: str = "auto
         compile: ``torch.compile`` the decode step of Llama-family models (the first
             generation pays the compilation, seconds with a warm cache, ~40 s without).
     """
-    from .decoding.fast import QUANTIZE
-
-    if quantize not in (*QUANTIZE, "none"):
-        raise StyletuneError(f"--quantize must be none, int8 or int8-dynamic, got {quantize}")
+    quantize = check_quantize(quantize)
     source = resolve(name)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
@@ -315,7 +312,7 @@ def load_model(name: str | None = None, device: str = "auto", dtype: str = "auto
     return LoadedModel(
         model=model, tokenizer=prepare_tokenizer(tokenizer), name=source.name, source=source,
         device=dev, dtype=torch_dtype, context_length=context_length(model.config), base_name=base_name,
-        quantize=None if quantize == "none" else quantize, compile=compile,
+        quantize=quantize, compile=compile,
     )
 
 

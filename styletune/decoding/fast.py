@@ -30,10 +30,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from ..config import check_quantize
 from ..errors import StyletuneError
-
-QUANTIZE = (None, "int8", "int8-dynamic")
-
 
 def supports(model) -> bool:
     """Plain Llama models whose forward we reproduce exactly (no biases, no scaling tricks)."""
@@ -212,8 +210,7 @@ class FastLlamaDecoder:
     """
 
     def __init__(self, model, batch: int, max_len: int, quantize: str | None = None, compile: bool = False):
-        if quantize not in QUANTIZE:
-            raise StyletuneError(f"--quantize must be none, int8 or int8-dynamic, got {quantize}")
+        quantize = check_quantize(quantize)
         if quantize and model.device.type != "cpu":
             quantize = None  # the int8 kernels used here are the CPU ones
         if compile:
@@ -224,7 +221,6 @@ class FastLlamaDecoder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
         self.scaling = self.head_dim ** -0.5
-        self.quantize = quantize
         dtype, device = model.dtype, model.device
         inner = model.model
         # Inductor cannot lower the packed op outside its own freezing pass: compiled steps use
