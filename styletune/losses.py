@@ -32,7 +32,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk: int):
-        n = hidden.shape[0]
+        n, vocab = hidden.shape[0], weight.shape[0]
         valid_all = targets != IGNORE_INDEX
         count = valid_all.sum().clamp(min=1).to(torch.float32)
         need_h, need_w = hidden.requires_grad, weight.requires_grad
@@ -41,27 +41,45 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # Two fp32 (chunk, vocab) buffers, reused by every chunk: the logits and their log-softmax,
+        # which becomes the gradient in place. Fresh 100 MB tensors per chunk cost a CPU as much
+        # as the arithmetic (page faults, and a temporary inside logsumexp).
+        rows = min(chunk, n)
+        logits_buf = torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)
+        logp_buf = torch.empty_like(logits_buf)
+        device_type = hidden.device.type
+        plain_fp32 = (hidden.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(device_type)
+                      and (bias is None or bias.dtype == torch.float32))
         for s in range(0, n, chunk):
             h = hidden[s:s + chunk]
-            t = targets[s:s + chunk]
-            valid = valid_all[s:s + chunk]
-            safe_t = t.clamp(min=0)
-            # Under autocast the matmul runs in bf16, like the model's own head; the loss is fp32.
-            logits = torch.nn.functional.linear(h, weight, bias).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, safe_t[:, None])[:, 0]
-            total += ((lse - picked) * valid).sum()
+            m = h.shape[0]
+            safe_t = targets[s:s + chunk].clamp(min=0)[:, None]
+            invalid = ~valid_all[s:s + chunk]
+            logits = logits_buf[:m]
+            if plain_fp32:
+                torch.mm(h, weight.t(), out=logits)
+                if bias is not None:
+                    logits += bias
+            else:
+                # Under autocast the matmul runs in bf16, like the model's own head; the loss is fp32.
+                logits.copy_(torch.nn.functional.linear(h, weight, bias))
+            logp = torch.log_softmax(logits, dim=-1, out=logp_buf[:m])
+            total -= logp.gather(1, safe_t)[:, 0].masked_fill(invalid, 0.0).sum()
             if not (need_h or need_w or need_b):
                 continue
             # d(sum of losses)/d(logits) = softmax - one_hot, zero on ignored rows; in place.
-            g = logits.sub_(lse[:, None]).exp_()
-            g[torch.arange(len(t), device=g.device), safe_t] -= 1.0
-            g *= valid[:, None]
-            g_low = g.to(h.dtype) if h.dtype != torch.float32 else g
+            g = logp.exp_()
+            g[torch.arange(m, device=g.device), safe_t[:, 0]] -= 1.0
+            if invalid.any():  # a full pass over g, so only when some row is ignored
+                g[invalid] = 0.0
             if need_h:
-                grad_h[s:s + chunk] = (g_low @ weight.to(g_low.dtype)).to(hidden.dtype)
+                if plain_fp32:
+                    torch.mm(g, weight, out=grad_h[s:s + chunk])
+                else:
+                    g_low = g.to(h.dtype) if h.dtype != torch.float32 else g
+                    grad_h[s:s + chunk] = (g_low @ weight.to(g_low.dtype)).to(hidden.dtype)
             if need_w:
-                grad_w += g.t() @ h.float()
+                grad_w.addmm_(g.t(), h.float())
             if need_b:
                 grad_b += g.sum(0)
         ctx.save_for_backward(*(x / count if x is not None else torch.empty(0) for x in (grad_h, grad_w, grad_b)))

@@ -26,6 +26,7 @@ from . import checkpoints as ckpt
 from .config import TrainConfig, parse_duration, save_yaml, train_config_to_dict
 from .errors import StyletuneError
 from .losses import causal_lm_loss
+from .lora import lean_lora
 
 Echo = Callable[[str], None]
 
@@ -242,6 +243,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             from safetensors.torch import load_file
 
             set_peft_model_state_dict(model, load_file(resume_from / "adapter_model.safetensors"))
+        lean_lora(model)
     elif layers is not None:
         freeze_below(model, layers)
     model.to(device)

@@ -29,8 +29,8 @@ def peft_lora(model, targets, **kw):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
-                                            init_lora_weights=False, **kw))
+    kw = {"lora_dropout": 0.0, **kw}
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **kw))
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
