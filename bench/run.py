@@ -677,17 +677,10 @@ def measure_load_time_hf_dir(s: Settings) -> dict:
             "notes": f"times {fmt_times(times)}", "seconds": best}
 
 
-def measure_train_matmul_floor(s: Settings) -> dict:
-    """A bound, not a loop: the matrix products one LoRA training step cannot avoid, timed alone.
-
-    For every projection of every layer and for the output head: the forward product
-    ``x @ W^T`` and the backward product for the input gradient ``dy @ W`` (frozen weights
-    need no weight gradient; LoRA's own rank-r products are left out), on a batch of
-    ``batch_size x block_size`` tokens, in the plain loop's dtype.  Attention, norms, the loss
-    and the optimizer are left out too, so no loop that computes the same arithmetic on this
-    CPU can beat this figure: ``train_matmul_floor / plain_loop`` is the most any such loop
-    could gain.
-    """
+def _step_products(s: Settings):
+    """What a LoRA step's products are made of, built once for both floor rows: the frozen
+    weight matrices as (out, in) in the plain loop's dtype, random activations of one step's
+    batch_size x block_size tokens for each input and output width, and the model's config."""
     import torch
 
     from styletune.models import cpu_has_bf16
@@ -705,19 +698,34 @@ def measure_train_matmul_floor(s: Settings) -> dict:
         elif Conv1D and isinstance(module, Conv1D):  # GPT-2 stores (in, out)
             weights.append(module.weight.detach().t().to(dtype))
     tokens = s.batch_size * s.block_size
-    by_in = {}
+    acts = {}
     for w in weights:
-        by_in.setdefault(w.shape[1], torch.randn(tokens, w.shape[1], dtype=dtype))
-    by_out = {}
-    for w in weights:
-        by_out.setdefault(w.shape[0], torch.randn(tokens, w.shape[0], dtype=dtype))
+        for width in w.shape:
+            acts.setdefault(width, torch.randn(tokens, width, dtype=dtype))
+    return model.config, dtype, weights, acts, tokens
+
+
+def measure_train_matmul_floor(s: Settings) -> dict:
+    """A bound, not a loop: the matrix products one LoRA training step cannot avoid, timed alone.
+
+    For every projection of every layer and for the output head: the forward product
+    ``x @ W^T`` and the backward product for the input gradient ``dy @ W`` (frozen weights
+    need no weight gradient; LoRA's own rank-r products are left out), on a batch of
+    ``batch_size x block_size`` tokens, in the plain loop's dtype.  Attention, norms, the loss
+    and the optimizer are left out too, so no loop that computes the same arithmetic on this
+    CPU can beat this figure: ``train_matmul_floor / plain_loop`` is the most any such loop
+    could gain.
+    """
+    import torch
+
+    _config, dtype, weights, acts, tokens = _step_products(s)
     flops = sum(2 * 2 * tokens * w.shape[0] * w.shape[1] for w in weights)
 
     def one_step():
         with torch.no_grad():
             for w in weights:
-                torch.nn.functional.linear(by_in[w.shape[1]], w)  # forward
-                torch.mm(by_out[w.shape[0]], w)  # input gradient
+                torch.nn.functional.linear(acts[w.shape[1]], w)  # forward
+                torch.mm(acts[w.shape[0]], w)  # input gradient
     one_step()
     best, times = best_of(one_step, 3)
     return {
@@ -727,6 +735,87 @@ def measure_train_matmul_floor(s: Settings) -> dict:
                  f"{str(dtype).replace('torch.', '')}: {flops / 1e12:.2f} TFLOP per step, "
                  f"{flops / best / 1e9:.0f} GFLOP/s; times {fmt_times(times)}",
         "seconds": best,
+    }
+
+
+def measure_train_compute_floor(s: Settings, rank: int = 16, chunk: int = 512) -> dict:
+    """A tighter bound: train_matmul_floor's products plus the rest of the arithmetic a LoRA
+    step cannot skip, each part timed alone with torch's fastest kernel for it.
+
+    - LoRA's rank-r products on every weight matrix but the head: ``x @ A^T`` and ``h @ B^T``
+      forward; ``dy @ B``, ``dy^T @ h``, ``dh^T @ x`` and ``dh @ A`` backward.
+    - Attention: the fused causal ``scaled_dot_product_attention`` of every layer, forward
+      and backward, at the model's head counts (grouped-query where the model has it).
+    - The loss's softmax over the vocabulary: ``log_softmax`` and ``exp`` of every token's
+      logits, ``chunk`` rows at a time into reused buffers.
+
+    Norms, activations, residual adds, dropout and the optimizer are still left out, so a
+    loop doing this arithmetic on this CPU cannot be faster than this figure.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    config, dtype, weights, acts, tokens = _step_products(s)
+    head = max(weights, key=lambda w: w.shape[0])  # the output head: the widest matrix
+    projections = [w for w in weights if w is not head]
+    lora = [(torch.randn(rank, w.shape[1], dtype=dtype), torch.randn(w.shape[0], rank, dtype=dtype))
+            for w in projections]
+    h = torch.randn(tokens, rank, dtype=dtype)
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    width = getattr(config, "hidden_size", None) or config.n_embd
+    head_dim = getattr(config, "head_dim", None) or width // heads
+    shape = (s.batch_size, heads, s.block_size, head_dim)
+    kv_shape = (s.batch_size, kv_heads, s.block_size, head_dim)
+    q = torch.randn(shape, dtype=dtype, requires_grad=True)
+    k = torch.randn(kv_shape, dtype=dtype, requires_grad=True)
+    v = torch.randn(kv_shape, dtype=dtype, requires_grad=True)
+    d_out = torch.randn(shape, dtype=dtype)
+    chunk = min(chunk, tokens)
+    logits = torch.randn(chunk, head.shape[0])
+    logp = torch.empty_like(logits)
+
+    def products():
+        with torch.no_grad():
+            for w in weights:
+                F.linear(acts[w.shape[1]], w)
+                torch.mm(acts[w.shape[0]], w)
+
+    def lora_products():
+        with torch.no_grad():
+            for (a, b), w in zip(lora, projections):
+                x, dy = acts[w.shape[1]], acts[w.shape[0]]
+                F.linear(F.linear(x, a), b)
+                dh = dy @ b
+                dy.t() @ h
+                dh.t() @ x
+                dh @ a
+
+    def attention():
+        for _ in range(layers):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != heads)
+            out.backward(d_out)
+        q.grad = k.grad = v.grad = None
+
+    def loss_softmax():
+        for _ in range(0, tokens, chunk):
+            torch.log_softmax(logits, dim=-1, out=logp).exp_()
+
+    parts = {"products": products, "LoRA products": lora_products, "attention": attention,
+             "loss softmax": loss_softmax}
+    best = {}
+    for name, fn in parts.items():
+        fn()
+        best[name] = best_of(fn, 3)[0]
+    total = sum(best.values())
+    return {
+        "value": tokens / total, "unit": "useful tokens/s (upper bound)",
+        "timing": "each part: 1 warm-up pass, best of 3; summed",
+        "notes": f"{str(dtype).replace('torch.', '')}, {tokens} tokens, LoRA rank {rank} on {len(projections)} "
+                 f"matrices, {layers} layers of attention ({heads} heads, {kv_heads} key/value heads); "
+                 + "; ".join(f"{name} {sec:.2f} s" for name, sec in best.items()) + f"; total {total:.2f} s",
+        "seconds": total,
     }
 
 
@@ -745,6 +834,7 @@ MEASUREMENTS = {
     "styletune_train_top": ("train", "styletune", measure_styletune_train_top),
     "styletune_train_top_compile": ("train", "styletune", measure_styletune_train_top_compile),
     "train_matmul_floor": ("train", "bound", measure_train_matmul_floor),
+    "train_compute_floor": ("train", "bound", measure_train_compute_floor),
     "budget_all_layers": ("train", "styletune", measure_budget_all_layers),
     "budget_top_layers": ("train", "styletune", measure_budget_top_layers),
     "hf_generate_b1": ("generate", "reference", measure_hf_generate_b1),
@@ -771,6 +861,8 @@ RATIOS = [
      "useful training tokens/s vs Trainer on padded records (full FT)"),
     ("train_matmul_floor / plain_loop", "train_matmul_floor", "plain_loop",
      "the most any loop doing the same products on this CPU could gain over the hand-written one"),
+    ("train_compute_floor / plain_loop", "train_compute_floor", "plain_loop",
+     "the most any loop doing the step's products, LoRA products, attention and loss softmax could gain"),
     ("styletune_train_compile / plain_loop", "styletune_train_compile", "plain_loop",
      "--compile vs the hand-written loop"),
     ("styletune_train_nodrop / plain_loop_nodrop", "styletune_train_nodrop", "plain_loop_nodrop",
