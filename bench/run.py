@@ -11,7 +11,8 @@ so that its peak memory (``ru_maxrss``) is its own and one measurement's warm
 caches or leaked tensors cannot help or hurt the next.  The parent prepares the
 shared inputs (corpus CSV, model directory), runs the children one after another,
 collects the JSON each prints, and writes one Markdown report to the console and to
-``bench/results/YYYY-MM-DD-<hostname>.md``.  See bench/README.md for what each row means.
+``bench/results/YYYY-MM-DD-<hostname>.md`` (``-2``, ``-3``... for later runs that day).
+See bench/README.md for what each row means.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import csv
 import datetime as _dt
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -1201,6 +1203,10 @@ def parent_main(args) -> int:
         suffix = ("-quick" if args.quick else "") + ("" if args.model == "smollm2-135m" else f"-{args.model}") + \
                  (f"-{args.only}" if args.only else "")
         dest = HERE / "results" / f"{date}-{host}{suffix}.md"
+        for n in itertools.count(2):  # a second run on the same day keeps the first one's report
+            if not dest.exists():
+                break
+            dest = HERE / "results" / f"{date}-{host}{suffix}-{n}.md"
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(dest.name + ".tmp")
         tmp.write_text(report, encoding="utf-8")
