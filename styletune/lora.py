@@ -1,4 +1,4 @@
-"""A leaner forward for peft's LoRA layers while training on a CPU.
+"""A leaner forward for peft's LoRA layers in training.
 
 peft computes a LoRA layer as ``result + lora_B(lora_A(dropout(x))) * scaling``.
 On a CPU two parts of that cost more than the low-rank products themselves
