@@ -707,6 +707,16 @@ def _step_products(s: Settings):
     return model.config, dtype, weights, acts, tokens
 
 
+def _frozen_products(weights, acts) -> None:
+    """Forward ``x @ W^T`` and input-gradient ``dy @ W`` of every frozen weight, once."""
+    import torch
+
+    with torch.no_grad():
+        for w in weights:
+            torch.nn.functional.linear(acts[w.shape[1]], w)  # forward
+            torch.mm(acts[w.shape[0]], w)  # input gradient
+
+
 def measure_train_matmul_floor(s: Settings) -> dict:
     """A bound, not a loop: the matrix products one LoRA training step cannot avoid, timed alone.
 
@@ -724,10 +734,7 @@ def measure_train_matmul_floor(s: Settings) -> dict:
     flops = sum(2 * 2 * tokens * w.shape[0] * w.shape[1] for w in weights)
 
     def one_step():
-        with torch.no_grad():
-            for w in weights:
-                torch.nn.functional.linear(acts[w.shape[1]], w)  # forward
-                torch.mm(acts[w.shape[0]], w)  # input gradient
+        _frozen_products(weights, acts)
     one_step()
     best, times = best_of(one_step, 3)
     return {
@@ -779,10 +786,7 @@ def measure_train_compute_floor(s: Settings, rank: int = 16, chunk: int = 512) -
     logp = torch.empty_like(logits)
 
     def products():
-        with torch.no_grad():
-            for w in weights:
-                F.linear(acts[w.shape[1]], w)
-                torch.mm(acts[w.shape[0]], w)
+        _frozen_products(weights, acts)
 
     def lora_products():
         with torch.no_grad():
