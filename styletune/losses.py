@@ -44,11 +44,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         # Two fp32 (chunk, vocab) buffers, reused by every chunk: the logits and their log-softmax,
         # which becomes the gradient in place. Fresh 100 MB tensors per chunk cost a CPU as much
         # as the arithmetic (page faults, and a temporary inside logsumexp).
-        rows = min(chunk, n)
-        logits_buf = torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)
+        logits_buf = torch.empty(min(chunk, n), vocab, dtype=torch.float32, device=hidden.device)
         logp_buf = torch.empty_like(logits_buf)
-        device_type = hidden.device.type
-        plain_fp32 = (hidden.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(device_type)
+        # The head's product goes straight into the buffer when nothing needs casting.
+        plain_fp32 = (hidden.dtype == weight.dtype == torch.float32
+                      and not torch.is_autocast_enabled(hidden.device.type)
                       and (bias is None or bias.dtype == torch.float32))
         for s in range(0, n, chunk):
             h = hidden[s:s + chunk]
@@ -73,11 +73,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             if invalid.any():  # a full pass over g, so only when some row is ignored
                 g[invalid] = 0.0
             if need_h:
-                if plain_fp32:
-                    torch.mm(g, weight, out=grad_h[s:s + chunk])
-                else:
-                    g_low = g.to(h.dtype) if h.dtype != torch.float32 else g
-                    grad_h[s:s + chunk] = (g_low @ weight.to(g_low.dtype)).to(hidden.dtype)
+                g_low = g.to(h.dtype) if h.dtype != torch.float32 else g
+                grad_h[s:s + chunk] = (g_low @ weight.to(g_low.dtype)).to(hidden.dtype)
             if need_w:
                 grad_w.addmm_(g.t(), h.float())
             if need_b:
