@@ -249,6 +249,8 @@ class TrainConfig:
             bad(f"--block-size must be >= 8, got {self.data.block_size}")
         if not 0 <= self.data.val_fraction < 1:
             bad(f"--val-fraction must be in [0, 1), got {self.data.val_fraction}")
+        if not 0 <= self.lora_dropout < 1:
+            bad(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if self.train_layers is not None and self.train_layers < 1:
             bad(f"--train-layers must be >= 1, got {self.train_layers}")
         if self.patience is not None and self.patience < 1:

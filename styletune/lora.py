@@ -1,25 +1,29 @@
 """A leaner forward for peft's LoRA layers in training.
 
-peft computes a LoRA layer as ``result + lora_B(lora_A(dropout(x))) * scaling``.
-On a CPU two parts of that cost more than the low-rank products themselves
-(measured on SmolLM2-135M, batch 8 x 256, one thread; bench/README.md):
+peft computes a LoRA layer as ``result + lora_B(lora_A(dropout(x))) * scaling``:
+five autograd nodes, a Bernoulli mask and a dropped copy of the input per
+adapted matrix. On a CPU the parts around the low-rank products cost more than
+the products themselves (measured on SmolLM2-135M, batch 8 x 256, one thread;
+bench/README.md). Here the whole layer is one autograd function,
+:class:`_LoraLinear`:
 
-- Dropout. ``nn.Dropout`` draws one Bernoulli number per input element (about
-  6.5 ns each with torch's CPU generator), and a LoRA model has a dropout on the
-  input of every adapted matrix: ~300 M draws per step, ~2.4 s of an ~18 s step.
-  :func:`sparse_dropout` draws only the positions that are dropped, as gaps
-  between them (a geometric distribution), so at p = 0.05 it draws ~20x fewer
-  numbers. The mask has exactly nn.Dropout's distribution: independent
-  Bernoulli(p) drops, kept values scaled by 1 / (1 - p).
-- The low-rank update is written three times (``lora_B`` output, ``* scaling``,
-  ``result +``) over a tokens x out_features tensor. Here it is one in-place
-  ``addmm_`` into the base layer's output: 0.95 ms against 6.3 ms for a
-  576 -> 1536 projection at 2048 tokens.
+- Dropout draws only the positions it drops (:func:`dropped_positions`), as
+  gaps between them (a geometric distribution), not one Bernoulli number per
+  element (about 6.5 ns each with torch's CPU generator; ~300 M per step for
+  SmolLM2, ~2.4 s of an ~18 s step). At p = 0.05 that is ~20x fewer numbers, with
+  exactly nn.Dropout's distribution: independent Bernoulli(p) drops, kept values
+  scaled by 1 / (1 - p). No mask tensor is made: the input is scaled and the drawn
+  positions zeroed, and backward zeroes the same positions of the gradient (~0.7
+  GB less memory per step than a mask per layer).
+- The low-rank update is added into the base product with one in-place
+  ``addmm_`` instead of being written three times (``lora_B`` output,
+  ``* scaling``, ``result +``): 0.95 ms against 6.3 ms for a 576 -> 1536
+  projection at 2048 tokens. Its input gradient goes into the base's.
 
-Everything else (the base layer, ``lora_A``/``lora_B``, their weights, saving
-and loading) stays peft's. Layers in any other state (adapters disabled or
-merged, several active adapters, DoRA and other variants, mixed-batch
-``adapter_names``) go through peft's own forward.
+The weights stay peft's modules and parameters, so saving and loading are
+unchanged. Layers in any other state (adapters disabled or merged, several
+active adapters, DoRA and other variants, mixed-batch ``adapter_names``, a LoRA
+bias) go through peft's own forward.
 """
 
 from __future__ import annotations
@@ -29,38 +33,80 @@ import types
 
 import torch
 
-# Above this rate drawing every element is cheaper than drawing the gaps between drops.
-SPARSE_DROPOUT_MAX_P = 0.2
 # Draw this many standard deviations more gaps than the expected number of drops: the
 # chance that a tensor has more drops than were drawn is below 1e-15.
 _SIGMAS = 8
 
 
-def sparse_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """``F.dropout(x, p, training=True)`` drawing only the dropped positions.
+def dropped_positions(n: int, p: float, device=None) -> torch.Tensor:
+    """Flat positions (increasing) that a dropout of rate ``p`` drops from ``n`` elements.
 
-    Positions are the partial sums of independent Geometric(p) gaps, which is exactly
-    the set of successes of independent Bernoulli(p) trials. Uses torch's generator, so
-    ``torch.manual_seed`` and saved RNG states reproduce the masks (compiled or not).
+    They are the partial sums of independent Geometric(p) gaps: exactly the successes of
+    ``n`` independent Bernoulli(p) trials, ``nn.Dropout``'s distribution. A fixed number of
+    gaps is drawn (the expectation + 8 sigma), so the result has a fixed length; entries
+    equal to ``n`` are spares that drop nothing. Uses torch's generator, so
+    ``torch.manual_seed`` and saved RNG states reproduce the masks, compiled or not.
     """
-    if p <= 0.0:
-        return x
-    n = x.numel()
     draws = math.ceil(n * p + _SIGMAS * math.sqrt(n * p * (1 - p)) + 16)
-    gaps = torch.empty(draws, dtype=torch.int64, device=x.device).geometric_(p)
-    dropped = gaps.cumsum_(0).sub_(1).clamp_(max=n)  # index n: past the end, a spare slot
-    mask = torch.full((n + 1,), 1.0 / (1.0 - p), dtype=x.dtype, device=x.device)
-    mask.index_fill_(0, dropped, 0.0)
-    return x * mask[:n].view_as(x)
+    gaps = torch.empty(draws, dtype=torch.int64, device=device).geometric_(p)
+    return gaps.cumsum_(0).sub_(1).clamp_(max=n)
 
 
-def _dropout(layer, adapter: str, x: torch.Tensor) -> torch.Tensor:
-    module = layer.lora_dropout[adapter]
-    if not isinstance(module, torch.nn.Dropout):  # nn.Identity when lora_dropout = 0
-        return module(x)
-    if module.training and 0.0 < module.p <= SPARSE_DROPOUT_MAX_P and x.device.type == "cpu":
-        return sparse_dropout(x, module.p)
-    return module(x)
+class _LoraLinear(torch.autograd.Function):
+    """``base(x) + scaling * dropout(x) @ A.T @ B.T`` on a 2-D ``x``, with one autograd node.
+
+    The dropout is ``x * c`` (``c = 1 / (1 - p)``) with the dropped positions then set to
+    zero: no mask tensor is built or read, and backward zeroes the same positions of the
+    update's input gradient. The low-rank update is added into the base product in place,
+    and the update's input gradient into the base's.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scaling: float, p: float, conv1d: bool):
+        # conv1d: transformers' GPT-2 Conv1D, weight stored (in, out)
+        if conv1d:
+            y = torch.addmm(bias, x, weight) if bias is not None else x @ weight
+        else:
+            y = torch.nn.functional.linear(x, weight, bias)
+        pos = None
+        if p > 0.0:
+            pos = dropped_positions(x.numel(), p, x.device)
+            xd = _scaled_with_zeros(x, 1.0 / (1.0 - p), pos)
+        else:
+            xd = x
+        h = xd @ a.t()  # (tokens, r)
+        y.addmm_(h, b.t(), alpha=scaling)
+        ctx.save_for_backward(x, xd, weight, a, b, h, pos)
+        ctx.args = (scaling, p, conv1d, bias is not None and bias.requires_grad)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, xd, weight, a, b, h, pos = ctx.saved_tensors
+        scaling, p, conv1d, need_bias = ctx.args
+        need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
+        gh = (gy @ b).mul_(scaling)  # (tokens, r)
+        gx = gw = None
+        if need_x:
+            gx = gy @ (weight.t() if conv1d else weight)
+            if pos is None:
+                gx.addmm_(gh, a)
+            else:
+                gx += _scaled_with_zeros(gh @ a, 1.0 / (1.0 - p), pos)
+        if need_w:
+            gw = x.t() @ gy if conv1d else gy.t() @ x
+        ga = gh.t() @ xd if need_a else None
+        gb = (gy.t() @ h).mul_(scaling) if need_b else None
+        return gx, gw, gy.sum(0) if need_bias else None, ga, gb, None, None, None
+
+
+def _scaled_with_zeros(x: torch.Tensor, c: float, pos: torch.Tensor) -> torch.Tensor:
+    """``x * c`` with the flat positions ``pos`` zeroed (positions equal to ``x.numel()`` are spares)."""
+    n = x.numel()
+    flat = torch.empty(n + 1, dtype=x.dtype, device=x.device)  # one spare slot at the end
+    torch.mul(x.reshape(-1), c, out=flat[:n])
+    flat.index_fill_(0, pos, 0.0)
+    return flat[:n].view_as(x)
 
 
 def _is_vanilla(layer, args, kwargs) -> bool:
@@ -70,27 +116,23 @@ def _is_vanilla(layer, args, kwargs) -> bool:
             and layer.lora_B[active[0]].bias is None)
 
 
-def _base_product(base, x2d: torch.Tensor) -> torch.Tensor:
-    """The base layer on a (tokens, in) input, as a fresh (tokens, out) tensor that is not a view
-    (an in-place update of a view would make autograd copy the whole gradient in backward)."""
-    if type(base) is torch.nn.Linear:
-        return torch.nn.functional.linear(x2d, base.weight, base.bias)
-    # transformers' Conv1D (GPT-2): weight is (in, out)
-    return torch.addmm(base.bias, x2d, base.weight) if base.bias is not None else x2d @ base.weight
-
-
 def _lean_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if not _is_vanilla(self, args, kwargs):
         return type(self).forward(self, x, *args, **kwargs)
     adapter = self.active_adapters[0]
-    a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight  # (r, in), (out, r)
-    x2d = x.reshape(-1, x.shape[-1])
-    result = _base_product(self.get_base_layer(), x2d)
-    h = torch.nn.functional.linear(_dropout(self, adapter, self._cast_input_dtype(x2d, a.dtype)), a)
-    # In place: a linear layer's backward needs its input and weight, never its output.
-    # Explicit casts, because autocast does not cover in-place products.
-    result.addmm_(h.to(result.dtype), b.t().to(result.dtype), alpha=self.scaling[adapter])
-    return result.view(*x.shape[:-1], result.shape[-1])
+    base = self.get_base_layer()
+    dropout = self.lora_dropout[adapter]
+    p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
+    # One dtype for every operand: autocast's, when it is on (it does not reach inside the
+    # Function), else the input's.
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    cast = [t.to(dtype) if t is not None and t.dtype != dtype else t
+            for t in (x.reshape(-1, x.shape[-1]), base.weight, base.bias,
+                      self.lora_A[adapter].weight, self.lora_B[adapter].weight)]
+    with torch.autocast(device, enabled=False):
+        y = _LoraLinear.apply(*cast, self.scaling[adapter], p, type(base) is not torch.nn.Linear)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def lean_lora(model) -> int:

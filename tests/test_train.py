@@ -367,6 +367,7 @@ def test_block_size_above_context(tmp_path, model_dir, corpus):
     (["--val-fraction", "1.5"], "--val-fraction"),
     (["--filter", "nonsense"], "filter"),
     (["--train-layers", "0"], "--train-layers"),
+    (["--lora-dropout", "1"], "--lora-dropout must be in [0, 1)"),
     (["--train-layers", "3"], "only 2 layers"),
 ])
 def test_bad_options(tmp_path, model_dir, corpus, args, needle):
