@@ -272,17 +272,39 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 
     compiled = compile_layers(model) if cfg.compile else []
 
-    def train_loss(batch: torch.Tensor) -> torch.Tensor:
+    def loss_backward(batch: torch.Tensor) -> float:
+        """Forward and backward of one micro-batch (its share of the step's gradient); its loss."""
         with torch.autocast(device_type=device.split(":")[0], dtype=amp_dtype, enabled=amp_dtype is not None):
-            try:
-                return causal_lm_loss(model, batch)
-            except Exception as exc:  # noqa: BLE001 - a compiler failure means: train eagerly
-                if not compiled:
-                    raise
-                echo(f"warning: torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                     "training without it")
-                uncompile_layers(compiled)
-                return causal_lm_loss(model, batch)
+            loss = causal_lm_loss(model, batch)
+        (loss / cfg.grad_accum).backward()
+        return loss.item()
+
+    def falling_back(work: Callable[[], object]):
+        """``work()``: forward and backward passes. If a compiled layer fails in either (no C++
+        compiler, an operation inductor cannot lower; a backward is compiled at its first call),
+        training goes on eagerly: the failed attempt's gradients and random draws are undone and
+        ``work`` runs again."""
+        if not compiled:
+            return work()
+        rng = ckpt.rng_state()
+        try:
+            return work()
+        except Exception as exc:  # noqa: BLE001 - a compiler failure means: train eagerly
+            echo(f"warning: torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                 "training without it")
+            uncompile_layers(compiled)
+            model.zero_grad(set_to_none=True)
+            ckpt.set_rng_state(rng)
+            return work()
+
+    def step_grads(step: int) -> tuple[float, int]:
+        """The gradient of optimizer step ``step`` (0-based) over its micro-batches: (summed loss, tokens)."""
+        loss_sum, tokens = 0.0, 0
+        for micro in range(cfg.grad_accum):
+            batch = micro_batch(step * cfg.grad_accum + micro)
+            loss_sum += loss_backward(batch)
+            tokens += batch.numel()
+        return loss_sum, tokens
 
     def eager():
         """Evaluation and sampling run eagerly: their shapes change, and compiling them would not pay."""
@@ -302,7 +324,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         _truncate_metrics(out / "metrics.jsonl", start_step)
         echo(f"resuming {out} at step {start_step} of {total}")
     else:
-        total = plan_steps(cfg, micro_per_epoch, micro_batch, train_loss, model, echo)
+        total = plan_steps(cfg, micro_per_epoch, lambda: falling_back(lambda: loss_backward(micro_batch(0))),
+                           model, echo)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * data.block_size
     which = (f" (top {cfg.train_layers} layers)" if cfg.train_layers else "") + (", compiled" if compiled else "")
     echo(f"training {cfg.method}{which} on {device}{' with bf16 autocast' if amp_dtype else ''}: {total} steps, "
@@ -341,13 +364,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 lr = lr_at(step, total, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss_sum, step_tokens = 0.0, 0
-                for micro in range(cfg.grad_accum):
-                    batch = micro_batch(step * cfg.grad_accum + micro)
-                    loss = train_loss(batch)
-                    (loss / cfg.grad_accum).backward()
-                    loss_sum += loss.item()
-                    step_tokens += batch.numel()
+                loss_sum, step_tokens = falling_back(lambda: step_grads(step))
                 state["tokens_seen"] += step_tokens
                 loss_value = loss_sum / cfg.grad_accum
                 if not math.isfinite(loss_value):
@@ -432,11 +449,11 @@ def warnings_quiet():
         yield
 
 
-def plan_steps(cfg: TrainConfig, micro_per_epoch: int, micro_batch, train_loss, model, echo: Echo) -> int:
+def plan_steps(cfg: TrainConfig, micro_per_epoch: int, one_pass: Callable[[], object], model, echo: Echo) -> int:
     """Total optimizer steps from --max-steps, --epochs and --time-budget (the smallest wins).
 
-    For a time budget, two forward/backward passes are timed first (the first warms
-    up, the second is measured); gradients and the RNG are restored afterwards, so
+    For a time budget, ``one_pass`` (a micro-batch's forward and backward) is timed twice (the
+    first warms up, the second is measured); gradients and the RNG are restored afterwards, so
     planning does not change what training does.
     """
     candidates = []
@@ -451,7 +468,7 @@ def plan_steps(cfg: TrainConfig, micro_per_epoch: int, micro_batch, train_loss, 
         timings = []
         for _ in range(2):
             t0 = time.perf_counter()
-            train_loss(micro_batch(0)).backward()
+            one_pass()
             timings.append(time.perf_counter() - t0)
         model.zero_grad(set_to_none=True)
         ckpt.set_rng_state(rng)

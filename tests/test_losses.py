@@ -166,3 +166,43 @@ def test_a_failing_compiler_falls_back_to_eager_training(tmp_path, train_model_d
     result = train(cfg, echo=lines.append)
     assert [line for line in lines if "torch.compile failed (RuntimeError: no C++ compiler)" in line]
     assert result.steps == 3 and len(losses(cfg.out)) == 3
+
+
+@pytest.mark.parametrize("length", [{"max_steps": 3}, {"time_budget": "2s"}])
+def test_a_compiled_backward_that_fails_falls_back_to_eager_training(tmp_path, train_model_dirs, corpus,
+                                                                     monkeypatch, length):
+    """The backward of a compiled layer is compiled at its first call, after the forward worked: the
+    step (or the time-budget probe) is undone and run again eagerly, with the same random draws."""
+    real_compile = torch.compile
+    wrapped = []
+
+    def backward_breaks(fn, **kw):
+        bottom = not wrapped  # layer 0, the last one backward reaches: the layers above have gradients by then
+        wrapped.append(fn)
+
+        def run(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+
+            def fail(grad):
+                raise RuntimeError("inductor crashed compiling the backward")
+            if bottom:
+                hidden.register_hook(fail)
+            return out
+        return run
+
+    runs = {}
+    for broken in (False, True):
+        monkeypatch.setattr(torch, "compile", backward_breaks if broken else real_compile)
+        cfg = config(tmp_path / str(broken), train_model_dirs["llama"], corpus, eval_every=100, save_every=100,
+                     lora_dropout=0.2, compile=broken, **length)
+        lines = []
+        result = train(cfg, echo=lines.append)
+        runs[broken] = losses(cfg.out), result.steps
+        warned = [line for line in lines if "torch.compile failed (RuntimeError: inductor crashed" in line]
+        assert len(warned) == broken, lines
+    if "max_steps" in length:  # the same draws and the same arithmetic: the same losses
+        assert runs[True][1] == runs[False][1] == 3
+        assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-6)
+    else:
+        assert runs[True][1] >= 1 and len(runs[True][0]) == runs[True][1]
