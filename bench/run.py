@@ -1,6 +1,6 @@
 """Benchmark styletune against plain references, on this machine, in one run.
 
-    .venv/bin/python bench/run.py [--quick] [--only train|generate] [--model smollm2-135m|gpt2-random]
+    .venv/bin/python bench/run.py [--quick] [--only train|generate|dtype] [--model smollm2-135m|gpt2-random]
 
 The CPUs these runs share are noisy (other work runs beside them), so no number
 here means much on its own: every styletune figure is printed as a RATIO against a
@@ -307,7 +307,7 @@ def measure_plain_loop_nodrop(s: Settings) -> dict:
 
 
 def measure_styletune_train(s: Settings, train_layers: int | None = None, compile: bool = False,
-                            lora_dropout: float | None = None) -> dict:
+                            lora_dropout: float | None = None, dtype: str = "auto") -> dict:
     """styletune's own training loop: ``styletune.train`` (``styletune.training.train``) with LoRA
     on the same jokes, block size and batch size as ``plain_loop``.
 
@@ -327,7 +327,7 @@ def measure_styletune_train(s: Settings, train_layers: int | None = None, compil
         # dedupe off: the corpus is the jokes repeated, so that the timed steps never hit a
         # short end-of-epoch batch.
         data=DataConfig(sources=[s.corpus_csv], column="Joke", block_size=s.block_size, dedupe=False),
-        batch_size=s.batch_size, max_steps=steps, eval_every=steps + 1, save_every=steps + 1, dtype="auto", seed=0,
+        batch_size=s.batch_size, max_steps=steps, eval_every=steps + 1, save_every=steps + 1, dtype=dtype, seed=0,
         train_layers=train_layers, **({"compile": True} if compile else {}),
         **({"lora_dropout": lora_dropout} if lora_dropout is not None else {}),
     )
@@ -466,14 +466,15 @@ def _hf_generate(s: Settings, prompts: list[str]) -> dict:
     }
 
 
-def _styletune_generate(s: Settings, prompts: list[str], quantize: str | None = None, compile: bool = False) -> dict:
+def _styletune_generate(s: Settings, prompts: list[str], quantize: str | None = None, compile: bool = False,
+                        dtype: str = "auto") -> dict:
     """styletune's ``generate``, greedy, ``stop_at_eos=False`` so every row makes ``new_tokens`` tokens."""
     from styletune.config import DecodingConfig
     from styletune.decoding.engine import generate
     from styletune.models import load_model
 
     kw = {"compile": True} if compile else {}  # an older styletune (start-of-run checkout) may lack it
-    lm = load_model(s.styletune_model, device="cpu", dtype="auto", quantize=quantize, **kw)
+    lm = load_model(s.styletune_model, device="cpu", dtype=dtype, quantize=quantize, **kw)
     path = decode_path(lm)
     if compile and path.startswith("styletune.decoding.fast"):  # --compile applies to that step only
         path += ", torch.compile"
@@ -510,6 +511,40 @@ def decode_path(lm) -> str:
     if getattr(lm, "fast_decode", False) and fast.supports(lm.model):
         return "styletune.decoding.fast" + (f" ({lm.quantize})" if getattr(lm, "quantize", None) else "")
     return "transformers forward"
+
+
+# ---- fp32 against bf16, for ``--dtype auto``: the same rows with the dtype pinned each way, so
+# the report shows on this CPU which one is faster for training and for decoding.
+
+
+def measure_styletune_train_fp32(s: Settings) -> dict:
+    """``styletune_train`` with ``--dtype float32`` (no autocast)."""
+    return measure_styletune_train(s, dtype="float32")
+
+
+def measure_styletune_train_bf16(s: Settings) -> dict:
+    """``styletune_train`` with ``--dtype bfloat16`` (bf16 autocast, fp32 master weights and optimizer)."""
+    return measure_styletune_train(s, dtype="bfloat16")
+
+
+def measure_styletune_generate_b1_fp32(s: Settings) -> dict:
+    """Batch-1 greedy decoding with the model loaded in float32."""
+    return _styletune_generate(s, [PROMPT], dtype="float32")
+
+
+def measure_styletune_generate_b1_bf16(s: Settings) -> dict:
+    """Batch-1 greedy decoding with the model loaded in bfloat16."""
+    return _styletune_generate(s, [PROMPT], dtype="bfloat16")
+
+
+def measure_styletune_generate_b8_fp32(s: Settings) -> dict:
+    """The 8 prompts at once, float32."""
+    return _styletune_generate(s, PROMPTS_B8, dtype="float32")
+
+
+def measure_styletune_generate_b8_bf16(s: Settings) -> dict:
+    """The 8 prompts at once, bfloat16."""
+    return _styletune_generate(s, PROMPTS_B8, dtype="bfloat16")
 
 
 def measure_hf_generate_b1(s: Settings) -> dict:
@@ -566,7 +601,7 @@ def measure_quant_quality(s: Settings) -> dict:
         dec = fast.FastLlamaDecoder(lm.model, 1, ids.shape[1], quantize=q)
         with torch.inference_mode():
             out = lm.model(ids[:, :1], use_cache=True)
-        dec.load_cache(out.past_key_values)
+        dec.load_cache(out["cache"] if "cache" in out else out.past_key_values)  # "cache" from transformers 5.24
         rows = [out.logits[0, -1].float()]
         for t in range(1, ids.shape[1] - 1):
             rows.append(dec.step(ids[:, t:t + 1], torch.ones(1, t + 1, dtype=torch.long))[0])
@@ -856,6 +891,12 @@ MEASUREMENTS = {
     "load_time": ("generate", "styletune", measure_load_time),
     "load_time_gguf": ("generate", "reference", measure_load_time_gguf),
     "load_time_hf_dir": ("generate", "reference", measure_load_time_hf_dir),
+    "styletune_train_fp32": ("dtype", "styletune", measure_styletune_train_fp32),
+    "styletune_train_bf16": ("dtype", "styletune", measure_styletune_train_bf16),
+    "styletune_generate_b1_fp32": ("dtype", "styletune", measure_styletune_generate_b1_fp32),
+    "styletune_generate_b1_bf16": ("dtype", "styletune", measure_styletune_generate_b1_bf16),
+    "styletune_generate_b8_fp32": ("dtype", "styletune", measure_styletune_generate_b8_fp32),
+    "styletune_generate_b8_bf16": ("dtype", "styletune", measure_styletune_generate_b8_bf16),
 }
 
 # (label, styletune row, reference row, how to read it).  Every ratio is "> 1: styletune faster":
@@ -905,6 +946,12 @@ RATIOS = [
      "speed-up of the cached load over dequantising the GGUF every time"),
     ("load: hf_dir / styletune", "load_time", "load_time_hf_dir",
      "plain from_pretrained of the same dir vs load_model (~1 = no overhead)"),
+    ("train: bf16 / fp32", "styletune_train_bf16", "styletune_train_fp32",
+     "LoRA training tokens/s with bf16 autocast vs fp32 (> 1: bf16 is the faster --dtype here)"),
+    ("decode b1: bf16 / fp32", "styletune_generate_b1_bf16", "styletune_generate_b1_fp32",
+     "batch-1 greedy tokens/s, bf16 weights vs fp32"),
+    ("decode b8: bf16 / fp32", "styletune_generate_b8_bf16", "styletune_generate_b8_fp32",
+     "8 prompts at once, bf16 weights vs fp32"),
 ]
 
 
@@ -1224,7 +1271,8 @@ def parent_main(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: a ~3 minute check that every row works")
-    p.add_argument("--only", choices=["train", "generate"], help="run only the training or the generation rows")
+    p.add_argument("--only", choices=["train", "generate", "dtype"],
+                   help="run only the training, the generation or the fp32-vs-bf16 rows")
     p.add_argument("--model", choices=["smollm2-135m", "gpt2-random"], default="smollm2-135m")
     p.add_argument("--rounds", type=int, default=1,
                    help="run every measurement N times in rotation and keep the best (less noise, N times longer)")

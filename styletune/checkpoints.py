@@ -10,15 +10,24 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import StyletuneError
 
 STATE_FILE = "trainer_state.json"
-TENSORS_FILE = "trainer_state.pt"
+"""The loop state (step, tokens, best loss...), the optimizer's hyperparameters and the Python RNG, as JSON."""
+TENSORS_FILE = "trainer_state.safetensors"
+"""The optimizer's moment tensors and torch's RNG states. Nothing in a checkpoint is unpickled."""
+LEGACY_TENSORS_FILE = "trainer_state.pt"
+"""What checkpoints written before safetensors held; read with ``torch.load(weights_only=True)``."""
 WEIGHTS_INFO = "styletune.json"
 """Written into every weights directory (final/, best/, checkpoints): what base it needs."""
 
@@ -80,14 +89,52 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _flatten(optimizer_state: dict, rng: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state dict and an RNG state as (named tensors, JSON-able rest)."""
+    tensors: dict[str, torch.Tensor] = {}
+    plain_state: dict[str, dict] = {}
+    for index, per_param in optimizer_state["state"].items():
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                plain_state.setdefault(str(index), {})[key] = value
+    tensors["rng.torch"] = rng["torch"]
+    for i, cuda_state in enumerate(rng.get("cuda") or []):
+        tensors[f"rng.cuda.{i}"] = cuda_state
+    version, internal, gauss = rng["python"]
+    meta = {"param_groups": optimizer_state["param_groups"], "plain_state": plain_state,
+            "python_rng": [version, list(internal), gauss]}
+    return tensors, meta
+
+
+def _unflatten(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    for index, plain in meta.get("plain_state", {}).items():
+        state.setdefault(int(index), {}).update(plain)
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
+    cuda = [tensors[f"rng.cuda.{i}"] for i in range(len([n for n in tensors if n.startswith("rng.cuda.")]))]
+    version, internal, gauss = meta["python_rng"]
+    rng = {"torch": tensors["rng.torch"], "python": (version, tuple(internal), gauss), "cuda": cuda or None}
+    return {"optimizer": {"state": state, "param_groups": groups}, "rng": rng}
+
+
 def save_checkpoint(root: Path, step: int, save_weights: Callable[[Path], None], optimizer, state: dict) -> Path:
-    """Weights, optimizer, RNG and loop state for exact resume; ``state`` is JSON-able."""
+    """Weights, optimizer, RNG and loop state for exact resume; ``state`` is JSON-able.
+
+    Tensors go to safetensors and everything else to JSON, so loading a checkpoint never
+    unpickles anything (a pickle can run arbitrary code, and checkpoints get shared)."""
 
     def fill(tmp: Path) -> None:
         save_weights(tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / TENSORS_FILE)
+        tensors, meta = _flatten(optimizer.state_dict(), rng_state())
+        save_file(tensors, str(tmp / TENSORS_FILE))
         # Written last: a directory with this file has everything.
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=1))
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "trainer": meta}, indent=1))
 
     return write_atomically(step_dir(root, step), fill)
 
@@ -97,7 +144,8 @@ def complete_checkpoints(root: Path) -> list[Path]:
     base = root / "checkpoints"
     if not base.is_dir():
         return []
-    found = [p for p in base.glob("step-*") if (p / STATE_FILE).is_file() and (p / TENSORS_FILE).is_file()]
+    found = [p for p in base.glob("step-*") if (p / STATE_FILE).is_file()
+             and ((p / TENSORS_FILE).is_file() or (p / LEGACY_TENSORS_FILE).is_file())]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
@@ -107,9 +155,30 @@ def newest_checkpoint(root: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict]:
-    """(loop state, tensors: optimizer and rng)."""
-    state = json.loads((path / STATE_FILE).read_text())
-    tensors = torch.load(path / TENSORS_FILE, weights_only=False)
+    """(loop state, {"optimizer": state dict, "rng": RNG state}) of a complete checkpoint.
+
+    A damaged file is a :class:`StyletuneError` naming it; a legacy ``trainer_state.pt`` is read
+    with ``weights_only=True``, so one that carries a pickled object is refused, not run."""
+    damaged = f"; resume from an earlier checkpoint by deleting {path}, or start over with --overwrite"
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("no step number")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StyletuneError(f"{path / STATE_FILE} is damaged ({str(exc).splitlines()[0]}){damaged}") from None
+    if "trainer" in state:
+        try:
+            return state, _unflatten(load_file(str(path / TENSORS_FILE)), state.pop("trainer"))
+        except (SafetensorError, OSError, KeyError, ValueError, TypeError) as exc:
+            raise StyletuneError(f"{path / TENSORS_FILE} is damaged ({str(exc).splitlines()[0]}){damaged}") from None
+    legacy = path / LEGACY_TENSORS_FILE
+    try:
+        tensors = torch.load(legacy, weights_only=True)
+    except pickle.UnpicklingError:
+        raise StyletuneError(f"refusing to load {legacy}: it holds pickled Python objects, which could run code; "
+                             "only optimizer tensors and plain data are accepted") from None
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise StyletuneError(f"{legacy} is damaged ({str(exc).splitlines()[0]}){damaged}") from None
     return state, tensors
 
 

@@ -372,7 +372,7 @@ DATA_OPTIONS = ("column", "field", "split", "val_fraction", "val", "block_size",
 @click.option("--epochs", type=float, help="Passes over the data [default: 1 if no other length is given].")
 @click.option("--max-steps", type=int, help="Optimizer steps (caps the others).")
 @click.option("--time-budget", help="Wall-clock budget, e.g. 10m; steps are planned from measured speed.")
-@click.option("--eval-every", type=int, help="Evaluate every N steps [default: 50].")
+@click.option("--eval-every", type=int, help="Evaluate every N steps [default: about 10 evaluations per run].")
 @click.option("--save-every", type=int, help="Checkpoint every N steps [default: 100].")
 @click.option("--keep-checkpoints", type=int, help="Step checkpoints to keep [default: 2].")
 @click.option("--patience", type=int, help="Early stop after N evaluations without improvement.")
@@ -438,7 +438,7 @@ def train(data, config_value, dataset_config, filters, prompts, resume, overwrit
 @click.argument("out", type=click.Path())
 def merge(run, out):
     """Write RUN (base + LoRA adapter, or full weights) as a plain transformers directory OUT."""
-    from .runs import merge_run
+    from .export import merge_run
 
     path = merge_run(run, out)
     click.echo(f"wrote {path}: AutoModelForCausalLM.from_pretrained({str(path)!r}) loads it")

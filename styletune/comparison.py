@@ -61,19 +61,9 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def _run_root(path: Path) -> Path:
-    """The run directory a weights path belongs to (``runs/NAME`` for ``runs/NAME/final``)."""
-    if (path / "config.yaml").is_file():
-        return path
-    for parent in path.parents:
-        if (parent / "config.yaml").is_file():
-            return parent
-    return path
-
-
 def _columns(base: str | None, tuned: str | None, models: list[str], checkpoints: bool) -> tuple[str, list[Column]]:
     from . import checkpoints as ckpt
-    from .runs import read_info, weights_dir
+    from .runs import read_info, run_root, weights_dir
 
     if tuned is not None:
         tuned_path = Path(tuned)
@@ -85,7 +75,7 @@ def _columns(base: str | None, tuned: str | None, models: list[str], checkpoints
     columns = [Column("base", base)]
     if tuned is not None:
         if checkpoints:
-            for step_dir in ckpt.complete_checkpoints(_run_root(Path(tuned))):
+            for step_dir in ckpt.complete_checkpoints(run_root(Path(tuned)) or Path(tuned)):
                 columns.append(Column(f"step {int(step_dir.name.split('-')[1])}", str(step_dir)))
         columns.append(Column("tuned", str(weights_dir(Path(tuned)))))
     elif checkpoints:

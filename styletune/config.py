@@ -210,8 +210,9 @@ class TrainConfig:
     """Optimizer steps (caps --epochs and --time-budget)."""
     time_budget: str | None = None
     """Wall-clock budget like ``10m``, ``90s`` or ``1h``; steps are planned from measured speed."""
-    eval_every: int = 50
-    """Evaluate (validation loss, samples) every N steps, and at the end."""
+    eval_every: int | None = None
+    """Evaluate (validation loss, samples) every N steps, and at the end; default: about ten times
+    over the run. The base model's validation loss is always measured first, as step 0."""
     save_every: int = 100
     """Write a resumable checkpoint every N steps, and at the end."""
     keep_checkpoints: int = 2
@@ -235,7 +236,7 @@ class TrainConfig:
         if self.method not in ("lora", "full"):
             bad(f"--method must be lora or full, got {self.method}")
         for name in ("batch_size", "grad_accum", "eval_every", "save_every", "lora_r"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.lr is not None and not self.lr > 0:
             bad(f"--lr must be > 0, got {self.lr}")

@@ -492,23 +492,17 @@ class EvalReport:
 
 def _locate_run(run: str) -> tuple[Path, Path]:
     """(run directory holding config.yaml, weights directory) for a run or one of its weights directories."""
-    from .checkpoints import WEIGHTS_INFO
+    from .runs import is_weights_dir, run_root, weights_dir
 
     path = Path(run).expanduser()
     if not path.is_dir():
         raise StyletuneError(f"no such run directory: {run}")
-    if (path / WEIGHTS_INFO).is_file() and not (path / "config.yaml").is_file():
-        # A weights directory (final/, best/, checkpoints/step-N/): its run is above it.
-        for parent in (path.parent, path.parent.parent):
-            if (parent / "config.yaml").is_file():
-                return parent, path
-        raise StyletuneError(f"{run} holds weights but no config.yaml was found beside it; evaluate the run directory")
-    if not (path / "config.yaml").is_file():
+    root = run_root(path)
+    if root is None:
+        if is_weights_dir(path):
+            raise StyletuneError(f"{run} holds weights but no config.yaml was found beside it; evaluate the run directory")
         raise StyletuneError(f"{run} is not a styletune run (it has no config.yaml)")
-    if not (path / "final" / WEIGHTS_INFO).is_file():
-        raise StyletuneError(f"{run} is not a complete run (no final/ weights); was training interrupted? "
-                             f"finish it with `styletune train --resume --out {run}`")
-    return path, path / "final"
+    return root, weights_dir(path)
 
 
 def _load_tokenizer(name: str):

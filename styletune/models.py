@@ -23,6 +23,7 @@ from typing import Any
 
 from .config import DEFAULT_MODEL, check_quantize
 from .errors import StyletuneError
+from .runs import check_weight_files, is_run_dir, read_info, weights_dir
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,6 @@ class ModelSource:
     name: str
     kind: str  # "bundled" | "gguf" | "dir" | "run" | "hub"
     location: str  # file, directory or hub id
-
-
-def is_run_dir(path: Path) -> bool:
-    """A training run (``runs/NAME``) or one of its weights directories."""
-    return (path / "styletune.json").is_file() or (path / "config.yaml").is_file()
 
 
 def resolve(name: str | None) -> ModelSource:
@@ -302,8 +298,6 @@ def load_model(name: str | None = None, device: str = "auto", dtype: str = "auto
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     if source.kind == "run":
-        from .runs import load_run_model  # a run is a base model plus what training wrote
-
         model, tokenizer, base_name = load_run_model(Path(source.location), torch_dtype)
     else:
         model, tokenizer = load_plain(source, torch_dtype)
@@ -322,9 +316,40 @@ def load_plain(source: ModelSource, torch_dtype):
 
     _quiet_transformers()
     location = local_dir_for(source) or source.location
+    if source.kind != "hub":
+        check_weight_files(Path(location))
     tokenizer = _from_pretrained(AutoTokenizer, location, source)
     model = _from_pretrained(AutoModelForCausalLM, location, source, dtype=torch_dtype)
     return model, tokenizer
+
+
+def load_run_model(path: Path, torch_dtype, merge: bool = True):
+    """(model, tokenizer, base model name) for a run or weights directory (see :mod:`styletune.runs`).
+
+    LoRA adapters are merged into the base weights by default, so generation runs
+    at the plain model's speed.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    wdir = weights_dir(path)
+    info = read_info(wdir)
+    check_weight_files(wdir)
+    source = resolve(str(wdir))
+    tokenizer = _from_pretrained(AutoTokenizer, str(wdir), source)
+    if info["method"] == "full":
+        model = _from_pretrained(AutoModelForCausalLM, str(wdir), source, dtype=torch_dtype)
+        return model, tokenizer, info["base_model"]
+    from peft import PeftModel
+
+    base, _ = load_plain(resolve(info["base_model"]), torch_dtype)
+    try:
+        model = PeftModel.from_pretrained(base, str(wdir))
+    except RuntimeError as exc:  # the adapter's shapes do not fit this base (size mismatch)
+        raise StyletuneError(f"the adapter in {wdir} does not fit its base model {info['base_model']} "
+                             f"({str(exc).strip().splitlines()[-1].strip()[:200]})") from None
+    if merge:
+        model = model.merge_and_unload()
+    return model, tokenizer, info["base_model"]
 
 
 def list_models() -> list[dict]:

@@ -1,8 +1,15 @@
-"""Reading what training wrote: weights directories and run directories.
+"""The layout of a run directory, in one place: what is a run, where its weights are.
 
-Every weights directory (``final/``, ``best/``, ``checkpoints/step-N/``) holds a
-``styletune.json`` naming its base model and method, plus either a peft adapter
-(LoRA) or a complete transformers model (full fine-tuning), and the tokenizer.
+A run (``runs/NAME``, made by ``styletune train``) holds ``config.yaml``,
+``metrics.jsonl`` and three kinds of weights directory: ``final/`` (the last step),
+``best/`` (the step with the lowest validation loss) and ``checkpoints/step-N/``. Every
+weights directory holds a ``styletune.json`` naming its base model, method and step,
+plus either a peft adapter (LoRA) or a complete transformers model (full
+fine-tuning), and the tokenizer.
+
+``--model runs/NAME`` means ``best/`` when the run has one (as transformers'
+``load_best_model_at_end`` would keep), else ``final/``; ``--model runs/NAME/final``
+or ``runs/NAME/checkpoints/step-N`` picks another. Nothing here loads a model.
 """
 
 from __future__ import annotations
@@ -13,63 +20,77 @@ from pathlib import Path
 from .checkpoints import WEIGHTS_INFO
 from .errors import StyletuneError
 
+RUN_CONFIG = "config.yaml"
+DEFAULT_WEIGHTS = ("best", "final")
+"""The weights ``--model RUN`` means, in order of preference."""
+
+
+def is_weights_dir(path: Path) -> bool:
+    return (path / WEIGHTS_INFO).is_file()
+
+
+def is_run_dir(path: Path) -> bool:
+    """A training run (``runs/NAME``) or one of its weights directories."""
+    return is_weights_dir(path) or (path / RUN_CONFIG).is_file()
+
+
+def has_run(out: Path) -> bool:
+    """Whether ``out`` already holds (part of) a run that a new one would overwrite."""
+    return any((out / name).exists() for name in (RUN_CONFIG, "metrics.jsonl", "checkpoints", "final"))
+
+
+def run_root(path: Path) -> Path | None:
+    """The run directory a path belongs to (``runs/NAME`` for ``runs/NAME/checkpoints/step-N``)."""
+    for candidate in (path, path.parent, path.parent.parent):
+        if (candidate / RUN_CONFIG).is_file():
+            return candidate
+    return None
+
 
 def weights_dir(path: Path) -> Path:
-    """The weights a ``--model`` path means: a run's ``final/``, or the directory itself."""
-    if (path / WEIGHTS_INFO).is_file():
+    """The weights a ``--model`` path means: the directory itself if it is one, else the run's
+    ``best/`` (or ``final/`` when training kept no best, e.g. without a validation split)."""
+    path = Path(path)
+    if is_weights_dir(path):
         return path
-    if (path / "final" / WEIGHTS_INFO).is_file():
-        return path / "final"
-    raise StyletuneError(f"{path} is not a complete styletune run (no final/ weights); was training interrupted? "
-                         "resume it with `styletune train --resume --out {path}`")
+    if not is_weights_dir(path / "final"):
+        raise StyletuneError(f"{path} is not a complete styletune run (no final/ weights); was training interrupted? "
+                             f"resume it with `styletune train --resume --out {path}`")
+    for name in DEFAULT_WEIGHTS:
+        if is_weights_dir(path / name):
+            return path / name
+    raise AssertionError("unreachable: final/ was checked above")  # pragma: no cover
 
 
 def read_info(path: Path) -> dict:
-    return json.loads((weights_dir(path) / WEIGHTS_INFO).read_text())
+    """``styletune.json`` of the weights ``path`` means: base model, method, step."""
+    wdir = weights_dir(path)
+    try:
+        info = json.loads((wdir / WEIGHTS_INFO).read_text(encoding="utf-8"))
+        if not {"base_model", "method"} <= set(info):
+            raise ValueError("base_model or method missing")
+    except (ValueError, AttributeError, TypeError, UnicodeDecodeError) as exc:
+        raise StyletuneError(f"{wdir / WEIGHTS_INFO} is damaged ({str(exc).splitlines()[0]}); "
+                             "use another weights directory of the run, or re-run training") from None
+    return info
 
 
 def write_info(path: Path, base_model: str, method: str, step: int) -> None:
     (path / WEIGHTS_INFO).write_text(json.dumps({"base_model": base_model, "method": method, "step": step}, indent=1))
 
 
-def load_run_model(path: Path, torch_dtype, merge: bool = True):
-    """(model, tokenizer, base model name) for a run or weights directory.
+def check_weight_files(wdir: Path) -> None:
+    """Refuse a weights directory whose safetensors files are truncated or damaged, naming the file
+    (safetensors checks that the header is whole and that the file covers every tensor)."""
+    from safetensors import SafetensorError, safe_open
 
-    LoRA adapters are merged into the base weights by default, so generation runs
-    at the plain model's speed.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .models import _from_pretrained, load_plain, resolve
-
-    wdir = weights_dir(path)
-    info = read_info(wdir)
-    source = resolve(str(wdir))
-    tokenizer = _from_pretrained(AutoTokenizer, str(wdir), source)
-    if info["method"] == "full":
-        model = _from_pretrained(AutoModelForCausalLM, str(wdir), source, dtype=torch_dtype)
-        return model, tokenizer, info["base_model"]
-    from peft import PeftModel
-
-    base, _ = load_plain(resolve(info["base_model"]), torch_dtype)
-    model = PeftModel.from_pretrained(base, str(wdir))
-    if merge:
-        model = model.merge_and_unload()
-    return model, tokenizer, info["base_model"]
-
-
-def merge_run(run: str, out: str) -> Path:
-    """Write a plain transformers directory (base + merged adapter) that loads with no styletune."""
-    import torch
-
-    src = Path(run)
-    if not src.is_dir():
-        raise StyletuneError(f"no such run directory: {run}")
-    dest = Path(out)
-    if dest.exists() and any(dest.iterdir()):
-        raise StyletuneError(f"{out} already exists and is not empty")
-    model, tokenizer, _ = load_run_model(src, torch.float32)
-    dest.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(dest)
-    tokenizer.save_pretrained(dest)
-    return dest
+    for file in sorted(Path(wdir).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            reason = str(exc).splitlines()[0].removeprefix("Error while deserializing header: ")
+            root = run_root(Path(wdir))
+            hint = (f"use another weights directory of {root} (best/, final/ or checkpoints/step-N) or re-run training"
+                    if root is not None else "restore or re-create it")
+            raise StyletuneError(f"{file} is damaged ({reason}); {hint}") from None

@@ -27,6 +27,7 @@ from .config import TrainConfig, parse_duration, save_yaml, train_config_to_dict
 from .errors import StyletuneError
 from .losses import causal_lm_loss
 from .lora import lean_lora
+from .runs import has_run, write_info
 
 Echo = Callable[[str], None]
 
@@ -57,10 +58,6 @@ class TrainResult:
     interrupted: bool = False
     stopped_early: bool = False
     summary: dict = field(default_factory=dict)
-
-
-def has_run(out: Path) -> bool:
-    return any((out / name).exists() for name in ("config.yaml", "metrics.jsonl", "checkpoints", "final"))
 
 
 def lora_targets(model, cfg: TrainConfig):
@@ -270,6 +267,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         idx = epoch_order(epoch)[i * cfg.batch_size:(i + 1) * cfg.batch_size].tolist()
         return train_blocks[idx]["input_ids"].to(device)
 
+    # The base model's validation loss, the baseline the curve starts from (step 0); measured before
+    # the layers are compiled, since evaluation always runs eagerly.
+    baseline = None if resume_from else evaluate_loss(model, data.val, cfg.batch_size, device, amp_dtype)
     compiled = compile_layers(model) if cfg.compile else []
 
     def loss_backward(batch: torch.Tensor) -> float:
@@ -320,6 +320,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         start_step, total = saved["step"], saved["total_steps"]
         state.update({k: saved[k] for k in state if k in saved})
         if cfg.max_steps and cfg.max_steps != total and cfg.max_steps > start_step:
+            echo(f"note: steps 1-{start_step} followed a learning-rate schedule planned for {total} steps and the "
+                 f"rest follows one planned for {cfg.max_steps}, so the losses will differ from those of a run "
+                 f"planned for {cfg.max_steps} steps from the start")
             total = cfg.max_steps
         _truncate_metrics(out / "metrics.jsonl", start_step)
         echo(f"resuming {out} at step {start_step} of {total}")
@@ -327,6 +330,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         total = plan_steps(cfg, micro_per_epoch, lambda: falling_back(lambda: loss_backward(micro_batch(0))),
                            model, echo)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * data.block_size
+    # About ten evaluations over the run whatever its length, unless --eval-every says otherwise.
+    eval_every = cfg.eval_every or max(1, round(total / 10))
     which = (f" (top {cfg.train_layers} layers)" if cfg.train_layers else "") + (", compiled" if compiled else "")
     echo(f"training {cfg.method}{which} on {device}{' with bf16 autocast' if amp_dtype else ''}: {total} steps, "
          f"{n_blocks} blocks of {data.block_size} tokens, ~{tokens_per_step} tokens/step")
@@ -339,8 +344,6 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 raise StyletuneError(f"the weights became non-finite at step {step}; refusing to save them")
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
-        from .runs import write_info
-
         write_info(path, base_name, cfg.method, step)
 
     def checkpoint() -> None:
@@ -358,6 +361,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     t_start = time.perf_counter() - state["elapsed_s"]
     try:
         with _StopRequests() as stop:
+            if baseline is not None:
+                _write_metric(metrics, {"step": 0, "val_loss": round(baseline, 6),
+                                        "val_ppl": round(math.exp(baseline), 4)})
+                echo(f"step 0/{total}: val loss {baseline:.4f} (ppl {math.exp(baseline):.2f}) before training")
             model.train()
             while step < total:
                 t0 = time.perf_counter()
@@ -385,7 +392,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 if on_step:
                     on_step(step, model)
                 last = step == total
-                if step % cfg.eval_every == 0 or last:
+                if step % eval_every == 0 or last:
                     with eager():
                         val = evaluate_loss(model, data.val, cfg.batch_size, device, amp_dtype)
                     model.train()
@@ -556,23 +563,34 @@ def _log_samples(out: Path, step: int, samples: list[dict]) -> None:
             fh.write(json.dumps({"step": step, **s}, ensure_ascii=False) + "\n")
 
 
+def _records(path: Path) -> list[dict]:
+    """The JSON lines of ``path``. A process killed mid-write leaves a torn last line: it is dropped
+    (every complete line was flushed before the next one was started)."""
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop what the interrupted run logged after its checkpoint."""
+    """On resume, drop what the interrupted run logged after its checkpoint (and a torn last line)."""
     for p in (path, path.with_name("samples.jsonl")):
         if not p.exists():
             continue
-        kept = [line for line in p.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [r for r in _records(p) if r.get("step", 0) <= step]
         tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
         tmp.replace(p)
 
 
 def read_metrics(out: Path) -> list[dict]:
     path = Path(out) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return _records(path) if path.exists() else []
 
 
 def plot_losses(out: Path) -> None:

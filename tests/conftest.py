@@ -135,3 +135,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Both numeric paths on every machine. bf16 runs on any CPU (emulated, slower, where it has no
+# avx512_bf16/AMX), so a test that takes `train_dtype` runs once in each, whatever this CPU is,
+# and no test leaves the dtype to `auto` (which picks by the CPU).
+
+DTYPES = ("float32", "bfloat16")
+
+REORDER_RTOL = {"float32": 1e-4, "bfloat16": 1e-2}
+"""Relative tolerance between two computations of the same training losses that differ only in
+how floating-point operations are ordered or fused (compiled against eager kernels, 4 steps).
+float32: unit roundoff 6e-8; reordered sums over a few thousand terms and four optimizer steps
+stay near 1e-6, so 1e-4 is a wide margin that still catches a wrong mask or a missed update.
+bfloat16: unit roundoff 2**-8 = 3.9e-3; eager autocast rounds every product's output to bf16
+while inductor keeps fused intermediates in fp32, so the losses may differ by about one bf16
+rounding of the logits (9.6e-4 measured on an AMX Xeon); 1e-2 is ~2.5 roundings."""
+
+
+@pytest.fixture(params=DTYPES)
+def train_dtype(request):
+    """``--dtype`` for a training test that must hold in both numeric paths."""
+    return request.param

@@ -45,9 +45,11 @@ def corpus(tmp_path):
 
 
 def config(tmp_path, model_dir, corpus, **kw):
+    """A tiny run on the CPU in float32 unless the test asks for another dtype: never `auto`, which
+    would pick by this machine's CPU (bf16 on avx512_bf16/AMX) or its GPU."""
     data = DataConfig(sources=[str(corpus)], block_size=kw.pop("block_size", 32), val_fraction=0.2)
     base = dict(out=str(tmp_path / "run"), model=str(model_dir), data=data, batch_size=4, max_steps=8,
-                eval_every=4, save_every=4, eval_max_new_tokens=5, seed=1)
+                eval_every=4, save_every=4, eval_max_new_tokens=5, seed=1, device="cpu", dtype="float32")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -58,9 +60,9 @@ def losses(out):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("method,lr", [("lora", 1e-2), ("full", 1e-2)])
-def test_training_lowers_the_loss(tmp_path, train_model_dirs, corpus, family, method, lr):
+def test_training_lowers_the_loss(tmp_path, train_model_dirs, corpus, family, method, lr, train_dtype):
     cfg = config(tmp_path, train_model_dirs[family], corpus, method=method, lr=lr, max_steps=20, eval_every=20,
-                 save_every=20, warmup_fraction=0.0)
+                 save_every=20, warmup_fraction=0.0, dtype=train_dtype)
     result = train(cfg)
     got = losses(cfg.out)
     assert len(got) == 20
@@ -80,7 +82,7 @@ def test_run_directory_contents(tmp_path, tiny_model_dirs, corpus):
     assert [r["step"] for r in steps] == list(range(1, 9))
     assert all({"step", "loss", "lr", "tokens_seen", "elapsed_s"} <= set(r) for r in steps)
     assert steps[-1]["tokens_seen"] == 8 * 4 * 32
-    assert [r["step"] for r in evals] == [4, 8]
+    assert [r["step"] for r in evals] == [0, 4, 8]  # step 0: the base model, before training
     assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]), rel=1e-3) for r in evals)
     samples = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
     assert [(s["step"], s["prompt"]) for s in samples] == [(4, "The raven"), (8, "The raven")]
@@ -112,10 +114,14 @@ def interrupt_at(step_to_stop):
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_resume_gives_the_same_losses(tmp_path, tiny_model_dirs, corpus, method):
-    straight = config(tmp_path / "a", tiny_model_dirs["llama"], corpus, method=method, save_every=100)
+def test_resume_gives_the_same_losses(tmp_path, tiny_model_dirs, corpus, method, train_dtype):
+    """Bitwise in both dtypes: the same kernels on the same inputs, and every piece of state
+    (weights, optimizer moments, RNG, step) restored exactly."""
+    straight = config(tmp_path / "a", tiny_model_dirs["llama"], corpus, method=method, save_every=100,
+                      dtype=train_dtype, lora_dropout=0.2)
     train(straight)
-    broken = config(tmp_path / "b", tiny_model_dirs["llama"], corpus, method=method, save_every=100)
+    broken = config(tmp_path / "b", tiny_model_dirs["llama"], corpus, method=method, save_every=100,
+                    dtype=train_dtype, lora_dropout=0.2)
     first = train(broken, on_step=interrupt_at(5))
     assert first.interrupted and first.steps == 5
     assert not (Path(broken.out) / "final").exists()
@@ -152,22 +158,22 @@ def test_sigint_from_the_cli_saves_and_resume_continues(tmp_path, tiny_model_dir
 
 def test_a_kill_mid_save_never_leaves_a_complete_looking_checkpoint(tmp_path, tiny_model_dirs, corpus, monkeypatch):
     cfg = config(tmp_path, tiny_model_dirs["llama"], corpus, save_every=2, eval_every=100, max_steps=6)
-    real_save = torch.save
+    real_save = ckpt.save_file
 
-    def dying_save(obj, f, *a, **k):
+    def dying_save(tensors, f, *a, **k):
         # Die while writing the optimizer state of the step-4 checkpoint.
         if "step-000004" in str(f):
             Path(f).write_bytes(b"partial")
             raise KeyboardInterrupt("killed mid-save")
-        return real_save(obj, f, *a, **k)
+        return real_save(tensors, f, *a, **k)
 
-    monkeypatch.setattr(ckpt.torch, "save", dying_save)
+    monkeypatch.setattr(ckpt, "save_file", dying_save)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     out = Path(cfg.out)
     assert not (out / "checkpoints" / "step-000004").exists()
     assert ckpt.newest_checkpoint(out).name == "step-000002"
-    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    monkeypatch.setattr(ckpt, "save_file", real_save)
     result = train(cfg, resume=True)
     assert result.steps == 6
     assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2, 3, 4, 5, 6]

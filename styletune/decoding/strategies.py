@@ -25,17 +25,30 @@ from ..errors import StyletuneError
 # and we keep it rather than -inf so the arithmetic, hence tie-breaking, is identical).
 _NEG = -1.0e9
 
-_LOGITS_TO_KEEP: dict[type, bool] = {}
+_FORWARD_PARAMETERS: dict[type, frozenset[str]] = {}
+
+
+def _forward_parameters(model) -> frozenset[str]:
+    """The keyword arguments of the transformers model's forward (under a peft wrapper, which passes
+    its keyword arguments through, the wrapped model's)."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cls = type(model)
+    if cls not in _FORWARD_PARAMETERS:
+        try:
+            _FORWARD_PARAMETERS[cls] = frozenset(inspect.signature(model.forward).parameters)
+        except (TypeError, ValueError):  # pragma: no cover - exotic wrappers
+            _FORWARD_PARAMETERS[cls] = frozenset()
+    return _FORWARD_PARAMETERS[cls]
 
 
 def _supports_logits_to_keep(model) -> bool:
-    cls = type(model)
-    if cls not in _LOGITS_TO_KEEP:
-        try:
-            _LOGITS_TO_KEEP[cls] = "logits_to_keep" in inspect.signature(model.forward).parameters
-        except (TypeError, ValueError):  # pragma: no cover - exotic wrappers
-            _LOGITS_TO_KEEP[cls] = False
-    return _LOGITS_TO_KEEP[cls]
+    return "logits_to_keep" in _forward_parameters(model)
+
+
+def _cache_argument(model) -> str:
+    """The name of the KV-cache argument of ``model.forward``: ``cache`` from transformers 5.24 on
+    (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
 
 
 def _model_device(model) -> torch.device:
@@ -87,17 +100,18 @@ def forward_step(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     kwargs = {}
     if _supports_logits_to_keep(model):
         kwargs["logits_to_keep"] = 1
+    cache_name = _cache_argument(model)
+    kwargs[cache_name] = past_key_values
     out = model(
         input_ids=input_ids.contiguous(),
         attention_mask=attention_mask,
         position_ids=position_ids.contiguous(),
-        past_key_values=past_key_values,
         use_cache=True,
         return_dict=True,
         **kwargs,
     )
     logits = out.logits[:, -1, :].to(copy=True, dtype=torch.float32)
-    return logits, out.past_key_values
+    return logits, getattr(out, cache_name)
 
 
 def reorder_cache(cache, index: torch.Tensor):
