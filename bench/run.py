@@ -141,13 +141,10 @@ def load_reference_model(s: Settings, dtype):
 
 
 def inference_dtype():
-    """The dtype styletune's ``load_model(dtype="auto")`` picks on this CPU: bf16 with avx512_bf16/AMX,
-    else fp32."""
-    import torch
+    """The dtype styletune's ``load_model(dtype="auto")`` picks on this CPU (the references decode in it too)."""
+    from styletune.models import pick_dtype
 
-    from styletune.models import cpu_has_bf16
-
-    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    return pick_dtype("auto", "cpu")
 
 
 def training_module():

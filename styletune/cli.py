@@ -33,6 +33,11 @@ class Group(click.Group):
             return super().invoke(ctx)
         except StyletuneError as exc:
             raise UserError(str(exc)) from None
+        except click.UsageError as exc:  # a bad flag or value: one line too, pointing at --help
+            if isinstance(exc, click.exceptions.NoArgsIsHelpError):
+                raise
+            where = exc.ctx.command_path if exc.ctx else ctx.command_path
+            raise UserError(f"{exc.format_message().rstrip('.')} (see `{where} --help`)") from None
 
 
 @click.group(cls=Group)
@@ -65,14 +70,18 @@ def model_options(f):
                   help="Registry name, hub id, model directory, styletune run directory or .gguf file.")
     @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
     @click.option("--dtype", default="auto", show_default=True, help="auto, float32, bfloat16 or float16.")
-    @click.option("--quantize", type=click.Choice(QUANTIZE_CHOICES), default="none", show_default=True,
-                  help="Llama-family decoding on CPU with int8 weights (int8: ~1% logit error) or int8 weights "
-                  "and activations (int8-dynamic: faster, perplexity ~+2%).")
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
         return f(*args, **kwargs)
 
     return wrapper
+
+
+# Generation only: the quantised copies serve the decode step; probe reads the exact model.
+quantize_option = click.option(
+    "--quantize", type=click.Choice(QUANTIZE_CHOICES), default="none", show_default=True,
+    help="Llama-family decoding on CPU with int8 weights (int8: ~1% logit error) or int8 weights "
+         "and activations (int8-dynamic: faster, perplexity ~+2%).")
 
 
 DECODING_FLAGS = ("max_new_tokens", "greedy", "temperature", "top_k", "top_p", "min_p", "eps", "num_beams",
@@ -144,6 +153,7 @@ def write_atomic(path: str, text: str) -> None:
 @main.command()
 @click.argument("prompts", nargs=-1)
 @model_options
+@quantize_option
 @decoding_options
 @compile_option
 @click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False), help="One prompt per line.")
@@ -264,7 +274,7 @@ def write_trace(path: str, samples) -> None:
 @model_options
 @click.option("--top", type=int, default=10, show_default=True, help="How many candidates to show.")
 @click.option("--json", "as_json", is_flag=True, help="A JSON list of {id, token, prob}, most likely first.")
-def probe(text, model, device, dtype, quantize, top, as_json):
+def probe(text, model, device, dtype, top, as_json):
     """Show the next-token distribution after TEXT."""
     from .probing import probe as run_probe
 
@@ -294,6 +304,7 @@ def probe(text, model, device, dtype, quantize, top, as_json):
 
 @main.command()
 @model_options
+@quantize_option
 @decoding_options
 @compile_option
 def write(model, device, dtype, quantize, compile_step, **kwargs):

@@ -47,10 +47,13 @@ if TYPE_CHECKING:  # `datasets` is imported lazily: it is slow to import.
 
 
 def _datasets():
-    """`datasets`, imported on first use, with its progress bars off (styletune reports progress itself)."""
+    """`datasets`, imported on first use, with its progress bars off (styletune reports progress itself)
+    and its logger quiet: a file it cannot read is logged there *and* raised, and styletune reports
+    the raised error as one line that says where the file is malformed."""
     import datasets
 
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     return datasets
 
 
@@ -290,7 +293,64 @@ def _load_with_datasets(method: str, path: Path, source: str, **kwargs) -> "data
             offset = _first_undecodable_byte(path, encoding)
             if offset is not None:
                 raise DataError(f"{source} is not valid {encoding} at byte {offset}; {_encoding_hint(encoding)}") from None
-        raise DataError(f"could not read {source}: {_first_line(e)}") from None
+        where = _find_malformed(method, path, encoding or "utf-8", kwargs.get("sep", ","))
+        raise DataError(f"could not read {source}: {where or _root_cause(e)}") from None
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first line of the innermost exception: ``datasets`` wraps the reader's own message
+    ("Parquet magic bytes not found ...") in "An error occurred while generating the dataset"."""
+    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__
+    return _first_line(error)
+
+
+def _find_malformed(method: str, path: Path, encoding: str, sep: str) -> str | None:
+    """Where a CSV or JSON file that failed to load is malformed, as "line N: what is wrong there"
+    (read again with Python's own parsers, which say where), or None if they find nothing."""
+    import csv
+    import json
+
+    try:
+        with open(path, encoding=encoding, newline="") as f:
+            if method == "from_csv":
+                reader = csv.reader(f, delimiter=sep, strict=True)
+                width, start = None, 1
+                while True:
+                    start = reader.line_num + 1
+                    try:
+                        row = next(reader)
+                    except StopIteration:
+                        return None
+                    except csv.Error as e:
+                        if "end of data" in str(e) or "EOF" in str(e):
+                            return f"line {start}: a quoted field opened here is never closed (unterminated \")"
+                        return f"line {start}: {e}"
+                    if width is None:
+                        width = len(row)
+                    elif row and len(row) != width:
+                        return f"line {start}: {len(row)} fields where the header has {width}"
+            if method == "from_json":
+                text_start = f.read(4096).lstrip()[:1]
+                f.seek(0)
+                if text_start == "[":
+                    try:
+                        json.load(f)
+                    except json.JSONDecodeError as e:
+                        return f"line {e.lineno}, column {e.colno}: {e.msg}"
+                    return None
+                for number, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line.rstrip("\r\n"))
+                    except json.JSONDecodeError as e:
+                        return f"line {number}, column {e.colno}: {e.msg}"
+                    if not isinstance(record, dict):
+                        return f"line {number}: expected a JSON object, found {type(record).__name__}"
+    except (OSError, UnicodeDecodeError):
+        return None
+    return None
 
 
 def _load_csv(path: Path, source: str, encoding: str, sep: str) -> "datasets.Dataset":

@@ -136,7 +136,7 @@ def autocast_dtype(cfg: TrainConfig, device: str):
     """bf16 autocast where the hardware runs bf16 natively, else none (fp32)."""
     from .models import pick_dtype
 
-    dtype = pick_dtype(cfg.dtype, device)
+    dtype = pick_dtype(cfg.dtype, device, training=True)
     return dtype if dtype == torch.bfloat16 else None
 
 

@@ -10,6 +10,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# An empty Hugging Face cache: what the suite sees must not depend on what this machine downloaded
+# before (a cached gpt2 would turn "not in the local cache" tests into downloads-that-fail-offline).
+import tempfile  # noqa: E402
+
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="styletune-tests-hf-")
 
 import socket  # noqa: E402
 

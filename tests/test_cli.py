@@ -95,15 +95,32 @@ def test_probe(run, gpt2_dir):
     assert table.exit_code == 0 and "rank" in table.output and repr(cands[0]["token"]) in table.output
 
 
+def write_passages(run, gpt2_dir, topics):
+    """What `write` should print for each topic: `generate` with write's defaults and turn i's seed."""
+    texts = []
+    for i, topic in enumerate(topics):
+        r = run("generate", topic, "--model", gpt2_dir, "-n", "5", "--seed", str(1 + i), "--temperature", "0.8",
+                "--top-p", "0.95", "--repetition-penalty", "1.1", "--json")
+        assert r.exit_code == 0, r.output
+        sample = json.loads(r.output)
+        assert sample["token_ids"]  # the model wrote something after the topic
+        texts.append(topic + sample["text"])
+    return texts
+
+
 def test_write_loop_until_empty_line(run, gpt2_dir):
     r = run("write", "--model", gpt2_dir, "-n", "5", "--seed", "1", input="The sea\nA storm\n\nnever reached\n")
     assert r.exit_code == 0, r.output
-    assert "The sea" in r.output and "A storm" in r.output and "never reached" not in r.output
+    # Each topic continued by the model, in order (not just the topic echoed back), and nothing after the empty line.
+    first, second = write_passages(run, gpt2_dir, ["The sea", "A storm"])
+    assert first in r.output and second in r.output and r.output.index(first) < r.output.index(second)
+    assert "never reached" not in r.output
 
 
 def test_write_ends_at_eof(run, gpt2_dir):
     r = run("write", "--model", gpt2_dir, "-n", "5", "--seed", "1", input="The sea\n")
-    assert r.exit_code == 0 and "The sea" in r.output
+    assert r.exit_code == 0, r.output
+    assert write_passages(run, gpt2_dir, ["The sea"])[0] in r.output
 
 
 def test_models_json(run):

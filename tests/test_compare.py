@@ -23,7 +23,8 @@ def lora_run(tmp_path_factory, train_model_dirs):
     out = root / "run"
     train(TrainConfig(out=str(out), model=str(train_model_dirs["llama"]),
                       data=DataConfig(sources=[str(corpus)], block_size=32, val_fraction=0.0),
-                      batch_size=4, max_steps=12, lr=2e-2, eval_every=100, save_every=6, eval_max_new_tokens=4))
+                      batch_size=4, max_steps=12, lr=2e-2, eval_every=100, save_every=6, eval_max_new_tokens=4,
+                      device="cpu", dtype="float32"))
     return out
 
 
@@ -31,7 +32,7 @@ GREEDY = DecodingConfig(greedy=True, max_new_tokens=8, stop_at_eos=False)
 
 
 def test_columns_and_shape(lora_run):
-    cmp = compare(PROMPTS, tuned=str(lora_run), checkpoints=True, decoding=GREEDY)
+    cmp = compare(PROMPTS, tuned=str(lora_run), checkpoints=True, decoding=GREEDY, dtype="float32")
     assert [c.name for c in cmp.columns] == ["base", "step 6", "step 12", "tuned"]
     data = cmp.to_json()
     assert [d["prompt"] for d in data] == PROMPTS
@@ -56,14 +57,14 @@ def test_base_is_loaded_once(lora_run, monkeypatch):
     calls = []
     real = styletune.models.load_model
     monkeypatch.setattr(styletune.models, "load_model", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
-    compare(PROMPTS, tuned=str(lora_run), checkpoints=True, decoding=GREEDY)
+    compare(PROMPTS, tuned=str(lora_run), checkpoints=True, decoding=GREEDY, dtype="float32")
     assert len(calls) == 1
 
 
 def test_same_seed_same_columns(lora_run, train_model_dirs):
     dec = DecodingConfig(max_new_tokens=8, temperature=1.5, seed=4, stop_at_eos=False)
-    a = compare(PROMPTS, tuned=str(lora_run), models=[str(train_model_dirs["llama"])], decoding=dec)
-    b = compare(PROMPTS, tuned=str(lora_run), models=[str(train_model_dirs["llama"])], decoding=dec)
+    a = compare(PROMPTS, tuned=str(lora_run), models=[str(train_model_dirs["llama"])], decoding=dec, dtype="float32")
+    b = compare(PROMPTS, tuned=str(lora_run), models=[str(train_model_dirs["llama"])], decoding=dec, dtype="float32")
     assert a.to_json() == b.to_json()
     # A column with the base model itself gives exactly the base column: only the model differs.
     extra = str(train_model_dirs["llama"])
@@ -74,7 +75,7 @@ def test_cli_formats_and_html(lora_run, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n\n")
     html = tmp_path / "report.html"
-    r = CliRunner().invoke(main, ["compare", "--tuned", str(lora_run), "--checkpoints", "all", "--prompts",
+    r = CliRunner().invoke(main, ["compare", "--dtype", "float32", "--tuned", str(lora_run), "--checkpoints", "all", "--prompts",
                                   str(prompts), "-n", "6", "--format", "json", "--html", str(html)])
     assert r.exit_code == 0, r.output
     data = json.loads(r.output)
@@ -92,9 +93,9 @@ def test_cli_formats_and_html(lora_run, tmp_path):
 
             # control characters a tiny model may write are shown as control pictures
             assert escape(visible_text(text)) in page
-    md = CliRunner().invoke(main, ["compare", "--tuned", str(lora_run), "-p", "The raven", "-n", "4", "--format", "md"])
+    md = CliRunner().invoke(main, ["compare", "--dtype", "float32", "--tuned", str(lora_run), "-p", "The raven", "-n", "4", "--format", "md"])
     assert md.exit_code == 0 and md.output.startswith("| prompt | base | tuned |")
-    text = CliRunner().invoke(main, ["compare", "--tuned", str(lora_run), "-p", "The raven", "-n", "4"])
+    text = CliRunner().invoke(main, ["compare", "--dtype", "float32", "--tuned", str(lora_run), "-p", "The raven", "-n", "4"])
     assert text.exit_code == 0 and "tuned" in text.output and "The raven" in text.output
 
 

@@ -322,7 +322,7 @@ def test_evaluate_returns_the_documented_numbers(overfit):
     assert len(r.samples["prompts"]) == len(r.samples["base"]) == len(r.samples["tuned"]) == 8
     assert all(pr == "Once upon a midnight" for pr in r.samples["prompts"])  # the only training document
     assert len(set(r.samples["base"])) == 8  # repeats of a prompt get their own seeds
-    assert [e["step"] for e in r.metrics_steps] == [75, 150] and r.notes == []
+    assert [e["step"] for e in r.metrics_steps] == [0, 75, 150] and r.notes == []
     lines = summary_lines(r)
     assert lines[0].startswith("perplexity (validation split") and lines[3].startswith("warning: ")
 
@@ -396,8 +396,9 @@ def test_evaluate_on_a_data_file(overfit, tmp_path, tokenizer):
 
 def test_locate_run_accepts_weights_directories(overfit):
     run = overfit["run"]
-    assert _locate_run(str(run)) == (run, run / "final")
+    assert _locate_run(str(run)) == (run, run / "best")  # a run means its best weights, as --model does
     assert _locate_run(str(run / "best")) == (run, run / "best")
+    assert _locate_run(str(run / "final")) == (run, run / "final")
 
 
 # ---------------------------------------------------------------------------------- bad input
@@ -417,7 +418,7 @@ def test_missing_run(tmp_path):
 
 def test_incomplete_run(overfit, tmp_path):
     shutil.copy(overfit["run"] / "config.yaml", tmp_path / "config.yaml")
-    with pytest.raises(StyletuneError, match="not a complete run .*no final/") as e:
+    with pytest.raises(StyletuneError, match="not a complete styletune run .*no final/") as e:
         evaluate(str(tmp_path))
     one_line_error(e)
     with pytest.raises(StyletuneError, match="no config.yaml"):

@@ -105,6 +105,19 @@ def test_config_yaml_reruns_the_same_training(tmp_path, tiny_model_dirs, corpus)
     assert losses(again) == losses(cfg.out)
 
 
+def wait_for_steps(proc, out, steps, timeout=180):
+    """Block until the training process has logged ``steps`` optimizer steps; fail (and kill it)
+    if it exits or the time runs out first, instead of signalling a process that never trained."""
+    deadline = time.time() + timeout
+    while len(losses(out)) < steps:
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            _, err = proc.communicate()
+            pytest.fail(f"training logged {len(losses(out))} of {steps} steps before "
+                        f"{'exiting' if proc.returncode else 'the timeout'}: {err}")
+        time.sleep(0.05)
+
+
 def interrupt_at(step_to_stop):
     def hook(step, model):
         if step == step_to_stop:
@@ -136,13 +149,11 @@ def test_resume_gives_the_same_losses(tmp_path, tiny_model_dirs, corpus, method,
 def test_sigint_from_the_cli_saves_and_resume_continues(tmp_path, tiny_model_dirs, corpus):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "styletune", "train", str(corpus), "--model", str(tiny_model_dirs["llama"]),
-            "--out", str(out), "--block-size", "32", "--batch-size", "2", "--max-steps", "100000",
+            "--out", str(out), "--block-size", "32", "--batch-size", "2", "--max-steps", "100000", "--dtype", "float32",
             "--save-every", "100000", "--eval-every", "100000"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(read_metrics(out)) < 3:
-        time.sleep(0.2)
+    wait_for_steps(proc, out, 3)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
@@ -182,12 +193,10 @@ def test_a_kill_mid_save_never_leaves_a_complete_looking_checkpoint(tmp_path, ti
 def test_sigkill_during_training_leaves_only_complete_checkpoints(tmp_path, tiny_model_dirs, corpus):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "styletune", "train", str(corpus), "--model", str(tiny_model_dirs["llama"]),
-            "--out", str(out), "--block-size", "32", "--batch-size", "2", "--max-steps", "100000",
+            "--out", str(out), "--block-size", "32", "--batch-size", "2", "--max-steps", "100000", "--dtype", "float32",
             "--save-every", "1", "--eval-every", "100000", "--method", "full", "--keep-checkpoints", "3"]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(read_metrics(out)) < 4:
-        time.sleep(0.05)
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_steps(proc, out, 4)
     proc.kill()
     proc.wait()
     for d in (out / "checkpoints").glob("step-*"):
