@@ -170,7 +170,11 @@ def generate(prompts, model, device, dtype, quantize, compile_step, prompts_file
 
     prompts = list(prompts)
     if prompts_file:
-        prompts += [line for line in Path(prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = Path(prompts_file).read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{prompts_file} is not valid utf-8 at byte {exc.start}: one prompt per line of text") from None
+        prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts and not sys.stdin.isatty():
         prompts = [line for line in sys.stdin.read().splitlines() if line.strip()]
     if not prompts:

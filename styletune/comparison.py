@@ -147,9 +147,15 @@ def compare(prompts: list[str], *, base: str | None = None, tuned: str | None = 
 
         from .runs import weights_dir
 
+        from transformers import AutoTokenizer
+
+        from .models import check_same_tokenizer
+
         peft_model = None
         for c in adapters:
             wdir = str(weights_dir(Path(c.model)))
+            check_same_tokenizer(AutoTokenizer.from_pretrained(wdir), base_lm.tokenizer,
+                                 f"the tokenizer saved in {wdir}", f"that of its base model {base}")
             if peft_model is None:
                 peft_model = PeftModel.from_pretrained(base_lm.model, wdir, adapter_name=c.name)
             else:

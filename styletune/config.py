@@ -238,8 +238,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "eval_every", "save_every", "lora_r"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.lr is not None and not self.lr > 0:
-            bad(f"--lr must be > 0, got {self.lr}")
+        if self.lr is not None and not 0 < self.lr < float("inf"):
+            bad(f"--lr must be > 0 and finite, got {self.lr}")
         if self.epochs is not None and not self.epochs > 0:
             bad(f"--epochs must be > 0, got {self.epochs}")
         if self.max_steps is not None and self.max_steps < 1:

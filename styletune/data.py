@@ -211,7 +211,10 @@ class _NotText(Exception):
 
 def _decode_file(path: Path, encoding: str) -> str:
     """A whole file as text; raises :class:`_NotText` for binary or mis-encoded files."""
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
     # A NUL never occurs in real text but starts almost every binary format.  Check
     # the bytes first, so that an image is reported as binary rather than as
     # mis-encoded; UTF-16/32 text is full of NUL bytes, so for those check the text.

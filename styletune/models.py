@@ -10,6 +10,7 @@ later load reads that (well under a second).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -214,6 +215,34 @@ def _quiet_transformers():
     warnings.filterwarnings("ignore", module="transformers")
 
 
+@contextlib.contextmanager
+def _one_progress_bar(label: str):
+    """transformers' GGUF loader draws its own tqdm bar ("Converting and de-quantizing GGUF
+    tensors...") whatever its progress-bar switch says; make it one bar with our label, drawn only
+    on a terminal (tqdm's ``disable=None``), so a log gets no bar at all."""
+    from tqdm.auto import tqdm
+
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_loading
+    except ImportError:  # pragma: no cover - a transformers without GGUF support fails later, clearly
+        yield
+        return
+    if not hasattr(gguf_loading, "tqdm"):  # pragma: no cover - the loader changed: leave it alone
+        yield
+        return
+    original = gguf_loading.tqdm
+
+    def labelled(iterable=None, *args, **kwargs):
+        kwargs.update(desc=label, unit="tensor", disable=None, leave=False)
+        return tqdm(iterable, *args, **kwargs)
+
+    gguf_loading.tqdm = labelled
+    try:
+        yield
+    finally:
+        gguf_loading.tqdm = original
+
+
 def _gguf_cache_dir(source: ModelSource) -> Path:
     if source.kind == "bundled":
         return cache_root() / "models" / source.name
@@ -238,7 +267,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     log.info("converting %s (one time, ~20 s)", gguf_path.name)
     tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    with _one_progress_bar(f"converting {gguf_path.name} once"):
+        quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     cfg_dict = quantized.config.to_dict()
     cfg_dict.pop("quantization_config", None)
     config = type(quantized.config).from_dict(cfg_dict)
@@ -342,6 +372,10 @@ def load_run_model(path: Path, torch_dtype, merge: bool = True):
 
     wdir = weights_dir(path)
     info = read_info(wdir)
+    expected = "adapter_model.safetensors" if info["method"] == "lora" else "model.safetensors"
+    if not (wdir / expected).is_file() and not (wdir / f"{expected}.index.json").is_file():
+        raise StyletuneError(f"{wdir / expected} is missing; use another weights directory of the run "
+                             "(best/, final/ or checkpoints/step-N) or re-run training")
     check_weight_files(wdir)
     source = resolve(str(wdir))
     tokenizer = _from_pretrained(AutoTokenizer, str(wdir), source)
@@ -350,7 +384,9 @@ def load_run_model(path: Path, torch_dtype, merge: bool = True):
         return model, tokenizer, info["base_model"]
     from peft import PeftModel
 
-    base, _ = load_plain(resolve(info["base_model"]), torch_dtype)
+    base, base_tokenizer = load_plain(resolve(info["base_model"]), torch_dtype)
+    check_same_tokenizer(tokenizer, base_tokenizer, f"the tokenizer saved in {wdir}",
+                         f"that of its base model {info['base_model']}")
     try:
         model = PeftModel.from_pretrained(base, str(wdir))
     except RuntimeError as exc:  # the adapter's shapes do not fit this base (size mismatch)
@@ -359,6 +395,17 @@ def load_run_model(path: Path, torch_dtype, merge: bool = True):
     if merge:
         model = model.merge_and_unload()
     return model, tokenizer, info["base_model"]
+
+
+def check_same_tokenizer(a, b, a_name: str, b_name: str) -> None:
+    """Refuse to put an adapter over a base whose vocabulary is not the one it was trained with
+    (a base model replaced since training): its token ids would mean other words."""
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va != vb:
+        differ = sum(1 for t, i in va.items() if vb.get(t) != i) + sum(1 for t in vb if t not in va)
+        raise StyletuneError(f"{a_name} differs from {b_name} ({len(va)} against {len(vb)} tokens, {differ} "
+                             "differing); the base model changed since training: point styletune.json at the "
+                             "original base, or re-run training")
 
 
 def list_models() -> list[dict]:

@@ -189,6 +189,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             resume_from = ckpt.newest_checkpoint(out)
             if resume_from is None:
                 raise StyletuneError(f"{out} has no complete checkpoint to resume from; use --overwrite to start over")
+            saved, saved_tensors = ckpt.load_checkpoint(resume_from)  # a damaged one fails here, before any work
         elif not overwrite:
             raise StyletuneError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
     elif resume:
@@ -314,9 +315,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     state = {"tokens_seen": 0, "elapsed_s": 0.0, "best_val_loss": None, "best_step": None, "evals_since_best": 0}
     start_step = 0
     if resume_from:
-        saved, tensors = ckpt.load_checkpoint(resume_from)
-        optimizer.load_state_dict(tensors["optimizer"])
-        ckpt.set_rng_state(tensors["rng"])
+        optimizer.load_state_dict(saved_tensors["optimizer"])
+        ckpt.set_rng_state(saved_tensors["rng"])
         start_step, total = saved["step"], saved["total_steps"]
         state.update({k: saved[k] for k in state if k in saved})
         if cfg.max_steps and cfg.max_steps != total and cfg.max_steps > start_step:
@@ -347,9 +347,15 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         write_info(path, base_name, cfg.method, step)
 
     def checkpoint() -> None:
-        ckpt.save_checkpoint(out, step, save_weights, optimizer,
-                             {**state, "total_steps": total, "block_size": data.block_size})
-        ckpt.prune_checkpoints(out, cfg.keep_checkpoints)
+        with _disk_errors(out):
+            ckpt.save_checkpoint(out, step, save_weights, optimizer,
+                                 {**state, "total_steps": total, "block_size": data.block_size})
+            ckpt.prune_checkpoints(out, cfg.keep_checkpoints)
+
+    def keep(name: str) -> None:
+        """``best/`` or ``final/``, replaced only once the new one is complete."""
+        with _disk_errors(out):
+            ckpt.write_atomically(out / name, save_weights)
 
     # ---- the loop
     metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
@@ -383,6 +389,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                if not all(torch.isfinite(norm) for norm in torch._foreach_norm(params)):
+                    # A finite loss can still take a step that overflows (a learning rate far too high).
+                    raise StyletuneError(f"the weights became non-finite at step {step}; stopped without saving "
+                                         "them (try a lower --lr)")
                 dt = time.perf_counter() - t0
                 state["elapsed_s"] = time.perf_counter() - t_start
                 record = {"step": step, "loss": round(loss_value, 6), "lr": lr, "tokens_seen": state["tokens_seen"],
@@ -401,7 +411,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                         better = state["best_val_loss"] is None or val < state["best_val_loss"]
                         if better:
                             state["best_val_loss"], state["best_step"], state["evals_since_best"] = val, step, 0
-                            ckpt.write_atomically(out / "best", save_weights)
+                            keep("best")
                         else:
                             state["evals_since_best"] += 1
                         _write_metric(metrics, {"step": step, "val_loss": round(val, 6), "val_ppl": round(math.exp(val), 4)})
@@ -436,7 +446,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if last_val is not None:
         result.val_loss, result.val_ppl = last_val, math.exp(last_val)
     if not result.interrupted:
-        ckpt.write_atomically(out / "final", save_weights)
+        keep("final")
         plot_losses(out)
         from .report import write_model_card
 
@@ -445,6 +455,18 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _disk_errors(out: Path):
+    """A write that fails (disk full, read-only, permissions) as one line: what failed, and that every
+    checkpoint completed before it is intact (writes go to temporaries that are renamed when whole)."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename or out
+        raise StyletuneError(f"could not write {where}: {exc.strerror or exc}; the checkpoints written before are "
+                             f"intact: free space and continue with `styletune train --resume --out {out}`") from None
 
 
 @contextlib.contextmanager
