@@ -21,6 +21,7 @@ import pyjokes
 from styletune import DataConfig, DecodingConfig, compare, load_model
 from styletune.config import TrainConfig
 from styletune.data import prepare_data
+from styletune.runs import read_info, weights_dir
 from styletune.training import evaluate_loss, train
 
 ROOT = Path(os.environ.get("STYLETUNE_DEMO_DIR", "runs/demo"))
@@ -46,7 +47,7 @@ def main() -> None:
     write_corpus(corpus)
     cfg = TrainConfig(out=str(ROOT / "run"), model="smollm2-135m",
                       data=DataConfig(sources=[str(corpus)], column="Joke", block_size=128),
-                      batch_size=8, time_budget=BUDGET, eval_every=10, save_every=50, seed=0,
+                      batch_size=8, time_budget=BUDGET, save_every=50, seed=0,
                       eval_prompts=PROMPTS[:2])
     say(f"$ styletune train {corpus} --column Joke --block-size 128 --batch-size 8 "
         f"--time-budget {BUDGET} --out {cfg.out} --overwrite")
@@ -55,12 +56,17 @@ def main() -> None:
     say(f"  done in {time.time() - t0:.0f} s: {result.steps} steps, {result.tokens_seen:,} tokens")
     say()
 
+    # `--model runs/NAME` means the run's best/ weights (lowest validation loss), not the last step's:
+    # with faster steps the budget can run past the point where it starts to overfit the jokes.
+    tuned = weights_dir(Path(cfg.out))
+    tuned_label = f"{tuned.relative_to(cfg.out)}/, step {read_info(tuned)['step']}"
+
     # The same prompts, settings and seed on both models (LoRA: one base, adapter on/off).
     dec = DecodingConfig(max_new_tokens=30, temperature=0.7, top_p=0.9, repetition_penalty=1.1, seed=1,
                          stop=["\n"])
     cmp = compare(PROMPTS, tuned=cfg.out, decoding=dec, dtype="float32")
     width = 48
-    say(f"{'base smollm2-135m':<{width}} | tuned on {result.summary['records']} jokes")
+    say(f"{'base smollm2-135m':<{width}} | tuned on {result.summary['records']} jokes ({tuned_label})")
     say(f"{'-' * width}-+-{'-' * width}")
     for row in cmp.rows:
         left = textwrap.wrap(row.prompt + row.outputs["base"], width) or [""]
@@ -77,7 +83,7 @@ def main() -> None:
         ppl[name] = math.exp(evaluate_loss(lm.model, data.val, cfg.batch_size, "cpu", None))
         del lm
     say(f"validation perplexity ({data.summary['val_tokens']:,} held-out tokens): "
-        f"base {ppl['smollm2-135m']:.2f}  ->  tuned {ppl[cfg.out]:.2f}")
+        f"base {ppl['smollm2-135m']:.2f}  ->  tuned {ppl[cfg.out]:.2f} ({tuned_label})")
     say(f"run directory: {cfg.out} (README.md, loss.png, metrics.jsonl, samples.jsonl)")
 
 
