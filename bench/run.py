@@ -173,7 +173,7 @@ def fmt_times(times: list[float]) -> str:
 
 
 def measure_trainer_padded(s: Settings) -> dict:
-    """Reference: the seeds' pipeline. transformers ``Trainer``, full fine-tuning in fp32, each
+    """Reference: the usual notebook recipe. transformers ``Trainer``, full fine-tuning in fp32, each
     joke its own record padded to ``pad_length`` (labels -100 on padding).
 
     Measures useful (non-padding) tokens per second: the padding is computed but teaches

@@ -47,10 +47,10 @@ def main() -> None:
     write_corpus(corpus)
     cfg = TrainConfig(out=str(ROOT / "run"), model="smollm2-135m",
                       data=DataConfig(sources=[str(corpus)], column="Joke", block_size=128),
-                      batch_size=8, time_budget=BUDGET, save_every=50, seed=0,
+                      batch_size=8, time_budget=BUDGET, save_every=50, seed=0, patience=3,
                       eval_prompts=PROMPTS[:2])
     say(f"$ styletune train {corpus} --column Joke --block-size 128 --batch-size 8 "
-        f"--time-budget {BUDGET} --out {cfg.out} --overwrite")
+        f"--time-budget {BUDGET} --patience 3 --out {cfg.out} --overwrite")
     t0 = time.time()
     result = train(cfg, overwrite=True, echo=lambda m: say(textwrap.indent(m, "  ")), progress=sys.stderr.isatty())
     say(f"  done in {time.time() - t0:.0f} s: {result.steps} steps, {result.tokens_seen:,} tokens")
