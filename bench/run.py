@@ -256,13 +256,13 @@ def measure_plain_loop(s: Settings, lora_dropout: float = 0.05) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from styletune.architectures import architecture_of
     from styletune.models import cpu_has_bf16
-
-    LORA_TARGETS = training_module().LORA_TARGETS
 
     model, tok = load_reference_model(s, torch.float32)
     model.config.use_cache = False
-    targets = LORA_TARGETS.get(model.config.model_type, "all-linear")
+    arch = architecture_of(model)
+    targets = list(arch.lora_targets) if arch and arch.lora_targets else "all-linear"
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=lora_dropout, target_modules=targets,
                                              task_type="CAUSAL_LM"))

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import torch
 
+from .architectures import architecture_of
+
 IGNORE_INDEX = -100
 
-# Model types whose CausalLM forward is `lm_head(base_model(...).last_hidden_state)`
-# with a plain nn.Linear head, checked against transformers 5.x sources.
-PLAIN_HEAD_TYPES = frozenset({"llama", "gpt2", "mistral", "qwen2", "qwen3", "phi3", "olmo", "olmo2",
-                              "smollm3", "gpt_neox", "gptj", "gpt_bigcode", "stablelm", "starcoder2"})
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -108,7 +106,8 @@ def supports_chunked_loss(model) -> bool:
     inner = _hf_model(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     # type() rather than isinstance: a peft LoRA layer on the head is not a plain Linear.
-    return (getattr(inner.config, "model_type", None) in PLAIN_HEAD_TYPES and head is not None
+    arch = architecture_of(inner)
+    return (arch is not None and arch.plain_head and head is not None
             and type(head) is torch.nn.Linear and inner.base_model is not inner)
 
 

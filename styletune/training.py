@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from . import checkpoints as ckpt
+from .architectures import architecture_of
 from .config import TrainConfig, parse_duration, save_yaml, train_config_to_dict
 from .errors import StyletuneError
 from .losses import causal_lm_loss
@@ -30,16 +31,6 @@ from .lora import lean_lora
 from .runs import has_run, write_info
 
 Echo = Callable[[str], None]
-
-# Module names LoRA adapts, per architecture (attention and MLP projections).
-LORA_TARGETS = {
-    "gpt2": ["c_attn", "c_proj", "c_fc"],  # Conv1D layers (peft sets fan_in_fan_out)
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-}
-
 
 @dataclass
 class TrainResult:
@@ -63,11 +54,21 @@ class TrainResult:
 def lora_targets(model, cfg: TrainConfig):
     if cfg.lora_targets:
         return cfg.lora_targets
-    return LORA_TARGETS.get(model.config.model_type, "all-linear")
+    arch = architecture_of(model)
+    return list(arch.lora_targets) if arch and arch.lora_targets else "all-linear"
 
 
 def layer_stack(model) -> tuple[str, torch.nn.ModuleList]:
-    """The transformer blocks, bottom to top, and their module name: the model's longest ModuleList."""
+    """The transformer blocks, bottom to top, and their module name: where the architecture's record
+    says, else (an architecture styletune has no record for) the model's longest ModuleList."""
+    arch = architecture_of(model)
+    if arch is not None:
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        prefix = "base_model.model." if inner is not model else ""
+        try:
+            return prefix + arch.layers, inner.get_submodule(arch.layers)
+        except AttributeError:
+            pass
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)]
     if not lists:
         raise StyletuneError(f"--train-layers: found no stack of transformer layers in {type(model).__name__}")

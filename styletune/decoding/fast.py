@@ -30,12 +30,15 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from ..architectures import architecture_of
 from ..config import check_quantize
 from ..errors import StyletuneError
 
+
 def supports(model) -> bool:
     """Plain Llama models whose forward we reproduce exactly (no biases, no scaling tricks)."""
-    if type(model).__name__ != "LlamaForCausalLM":
+    arch = architecture_of(model)
+    if arch is None or not arch.fast_decode or not hasattr(model, "lm_head") or hasattr(model, "get_base_model"):
         return False
     cfg = model.config
     rope = getattr(cfg, "rope_scaling", None) or {}
