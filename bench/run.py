@@ -662,6 +662,66 @@ def measure_llamacpp_b1(s: Settings) -> dict:
     }
 
 
+def _tuned_run(s: Settings) -> Path:
+    """A short LoRA run of the bench model on the jokes, made once per bench run and shared by the
+    rows that compare styletune and llama.cpp on a tuned model (its weights differ from the base)."""
+    from styletune.config import DataConfig, TrainConfig
+
+    run = Path(s.workdir) / "tuned_run"
+    if not (run / "final").is_dir():
+        training_module().train(TrainConfig(
+            out=str(run), model=s.styletune_model, max_steps=2, batch_size=4, seed=0, save_every=100,
+            data=DataConfig(sources=[s.corpus_csv], column="Joke", block_size=128), eval_max_new_tokens=4),
+            overwrite=True)
+    return run
+
+
+def measure_styletune_tuned_b1(s: Settings) -> dict:
+    """styletune's own batch-1 greedy decoding of a tuned run (exact fp32, the default)."""
+    if s.gguf is None:
+        return {"skipped": f"no GGUF export row for --model {s.model}"}
+    from styletune.config import DecodingConfig
+    from styletune.decoding.engine import generate
+    from styletune.models import load_model
+
+    lm = load_model(str(_tuned_run(s)), device="cpu")
+    dec = DecodingConfig(greedy=True, max_new_tokens=s.new_tokens, stop_at_eos=False)
+    generate(lm, [PROMPT], DecodingConfig(greedy=True, max_new_tokens=s.warmup_new_tokens, stop_at_eos=False))
+    best, times = best_of(lambda: generate(lm, [PROMPT], dec), s.repeats)
+    return {"value": s.new_tokens / best, "unit": "tokens/s", "seconds": best,
+            "timing": f"1 warm-up call ({s.warmup_new_tokens} tokens), best of {s.repeats}",
+            "notes": f"{str(lm.dtype).replace('torch.', '')}, the tuned run's best/ weights, decode step: "
+                     f"{decode_path(lm)}, times {fmt_times(times)}"}
+
+
+def measure_llamacpp_tuned_q8_0_b1(s: Settings) -> dict:
+    """llama.cpp on the same tuned run after ``styletune export --quant q8_0``: what a user gets by
+    taking the model out of styletune. Skipped when llama-cpp-python is not installed."""
+    if s.gguf is None:
+        return {"skipped": f"no GGUF export row for --model {s.model}"}
+    if importlib.util.find_spec("llama_cpp") is None:
+        return {"skipped": "llama-cpp-python not installed"}
+    from llama_cpp import Llama
+
+    from styletune.export import export
+
+    out = export(str(_tuned_run(s)), str(Path(s.workdir) / "tuned_q8_0"), quant="q8_0", overwrite=True).out
+    threads = s.threads or os.cpu_count()
+    llm = Llama(model_path=str(next(out.glob("*.gguf"))), n_threads=threads, n_ctx=512, seed=0, verbose=False)
+    eos = llm.token_eos()
+
+    def run(n: int):
+        return llm(PROMPT, max_tokens=n, temperature=0.0, top_k=1, logit_bias={eos: -1e9})
+
+    run(s.warmup_new_tokens)
+    holder = {}
+    best, times = best_of(lambda: holder.update(out=run(s.new_tokens)), s.repeats)
+    made = holder["out"]["usage"]["completion_tokens"]
+    return {"value": made / best, "unit": "tokens/s", "seconds": best, "threads": threads,
+            "timing": f"1 warm-up call ({s.warmup_new_tokens} tokens), best of {s.repeats}",
+            "notes": f"exported Q8_0 GGUF of the tuned run, n_threads={threads}, {made} tokens, times {fmt_times(times)}"}
+
+
 # ---------------------------------------------------------------------------------------------
 # Load time
 
@@ -885,6 +945,8 @@ MEASUREMENTS = {
     "styletune_generate_b8_int8dyn_compile": ("generate", "styletune", measure_styletune_generate_b8_int8dyn_compile),
     "hf_generate_b8": ("generate", "reference", measure_hf_generate_b8),
     "llamacpp_b1": ("generate", "reference", measure_llamacpp_b1),
+    "styletune_tuned_b1": ("generate", "styletune", measure_styletune_tuned_b1),
+    "llamacpp_tuned_q8_0_b1": ("generate", "reference", measure_llamacpp_tuned_q8_0_b1),
     "load_time": ("generate", "styletune", measure_load_time),
     "load_time_gguf": ("generate", "reference", measure_load_time_gguf),
     "load_time_hf_dir": ("generate", "reference", measure_load_time_hf_dir),
@@ -943,6 +1005,8 @@ RATIOS = [
      "speed-up of the cached load over dequantising the GGUF every time"),
     ("load: hf_dir / styletune", "load_time", "load_time_hf_dir",
      "plain from_pretrained of the same dir vs load_model (~1 = no overhead)"),
+    ("tuned run b1: styletune / llama.cpp Q8_0", "styletune_tuned_b1", "llamacpp_tuned_q8_0_b1",
+     "the same tuned run decoded by styletune (fp32) vs its `styletune export --quant q8_0` file in llama.cpp"),
     ("train: bf16 / fp32", "styletune_train_bf16", "styletune_train_fp32",
      "LoRA training tokens/s with bf16 autocast vs fp32 (> 1: bf16 is the faster --dtype here)"),
     ("decode b1: bf16 / fp32", "styletune_generate_b1_bf16", "styletune_generate_b1_fp32",
