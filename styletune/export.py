@@ -323,9 +323,10 @@ def _write_modelfile(out: Path, name: str, tokenizer) -> None:
         stops.append("<|im_end|>")
     elif template:
         lines += ["# The model's chat template is a Jinja template, which Ollama reads from the GGUF file itself.", ""]
+    ollama_names = {"temperature": "temperature", "top_p": "top_p", "repetition_penalty": "repeat_penalty"}
     for key, value in GENERATION_DEFAULTS.items():
-        if key != "do_sample":
-            lines.append(f"PARAMETER {key} {value}")
+        if key in ollama_names:
+            lines.append(f"PARAMETER {ollama_names[key]} {value}")
     if tokenizer.eos_token:
         stops.append(tokenizer.eos_token)
     lines += [f'PARAMETER stop "{s}"' for s in dict.fromkeys(stops)]

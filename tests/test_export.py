@@ -162,7 +162,7 @@ def test_modelfile_and_readme(runs, tmp_path):
     modelfile = (tmp_path / "out" / "Modelfile").read_text()
     assert modelfile.startswith("FROM ./llama-lora.gguf\n")
     assert 'TEMPLATE """' in modelfile and "<|im_start|>{{ .Role }}" in modelfile  # the ChatML template
-    for line in ("PARAMETER temperature 0.8", "PARAMETER top_p 0.95", "PARAMETER repetition_penalty 1.1",
+    for line in ("PARAMETER temperature 0.8", "PARAMETER top_p 0.95", "PARAMETER repeat_penalty 1.1",
                  'PARAMETER stop "<|im_end|>"', 'PARAMETER stop "<|endoftext|>"'):
         assert line in modelfile
     readme = (tmp_path / "out" / "README.md").read_text()

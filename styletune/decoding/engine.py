@@ -157,6 +157,28 @@ def _trace_step(tokenizer, logits: torch.Tensor, chosen: int, top_n: int, text: 
                 rank=rank, entropy=entropy, top=top, text=text)
 
 
+def pick_tokens(cfg: DecodingConfig, shaping, sampling, seq: torch.Tensor, logits: torch.Tensor,
+                gens: list[torch.Generator]) -> list[int]:
+    """The next token of each row: ``seq`` (B, T) the ids so far, ``logits`` (B, V) the model's
+    scores, ``gens`` one generator per row (seeded with the row's seed). Greedy, sampling or
+    epsilon-greedy per ``cfg``, after the processors of :func:`build_processors`."""
+    scores = shaping(seq, logits)
+    if cfg.mode == "greedy":
+        return scores.argmax(dim=-1).tolist()
+    warped = sampling(seq, scores)
+    probs = warped.softmax(dim=-1).cpu()
+    greedy_pick = warped.argmax(dim=-1).tolist()
+    chosen = []
+    for r, g in enumerate(gens):
+        # Every row draws the same random numbers in every mode, so eps only
+        # decides *which* token, never shifts the random stream.
+        u = float(torch.rand((), generator=g))
+        take_best = cfg.mode == "eps" and u < cfg.eps
+        sampled = int(torch.multinomial(probs[r], 1, generator=g))
+        chosen.append(greedy_pick[r] if take_best else sampled)
+    return chosen
+
+
 @torch.inference_mode()
 def generate(lm, prompts: list[str], cfg: DecodingConfig | None = None, *, trace_top: int = 0,
              on_text: TextCallback | None = None) -> list[Sample]:
@@ -198,23 +220,7 @@ def generate(lm, prompts: list[str], cfg: DecodingConfig | None = None, *, trace
     fast = _fast_decoder(lm, cache, len(rows), ids.shape[1] + cfg.max_new_tokens)
     seq = ids
     for step in range(cfg.max_new_tokens):
-        scores = shaping(seq, logits)
-        if cfg.mode == "greedy":
-            chosen = scores.argmax(dim=-1)
-        else:
-            warped = sampling(seq, scores)
-            probs = warped.softmax(dim=-1).cpu()
-            greedy_pick = warped.argmax(dim=-1).cpu()
-            chosen = torch.empty(len(rows), dtype=torch.long)
-            for r, g in enumerate(gens):
-                # Every row draws the same random numbers in every mode, so eps only
-                # decides *which* token, never shifts the random stream.
-                u = float(torch.rand((), generator=g))
-                take_best = cfg.mode == "eps" and u < cfg.eps
-                sampled = torch.multinomial(probs[r], 1, generator=g)
-                chosen[r] = greedy_pick[r] if take_best else sampled
-            chosen = chosen.to(seq.device)
-        chosen_list = chosen.tolist()
+        chosen_list = pick_tokens(cfg, shaping, sampling, seq, logits, gens)
         for r, t in enumerate(chosen_list):
             if done[r]:
                 continue

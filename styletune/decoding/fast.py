@@ -288,9 +288,11 @@ class FastLlamaDecoder:
         self.length = t + 1
         return logits
 
-    def _step(self, input_ids, pos, where, mask, upto: int | None) -> torch.Tensor:
+    def _step(self, input_ids, pos, where, mask, upto: int | None, slots: torch.Tensor | None = None) -> torch.Tensor:
         """The arithmetic of one token: embedding, layers, head. ``upto``: attend to the
-        first ``upto`` cache positions (None: all of them, for fixed shapes)."""
+        first ``upto`` cache positions (None: all of them, for fixed shapes). ``slots``: row b is
+        the sequence in cache slot ``slots[b]``, at its own position ``pos[b]`` (continuous
+        batching); None: row b is slot b and every row writes at position ``where``."""
         b = input_ids.shape[0]
         cos = self.cos[pos][:, None, None, :]  # (B, 1, 1, hd)
         sin = self.sin[pos][:, None, None, :]
@@ -307,9 +309,14 @@ class FastLlamaDecoder:
             v = v.view(b, 1, self.n_kv, hd).transpose(1, 2)
             q = q * cos + self._rotate_half(q) * sin
             k = k * cos + self._rotate_half(k) * sin
-            self.k[i].index_copy_(2, where, k)
-            self.v[i].index_copy_(2, where, v)
-            keys, values = (self.k[i], self.v[i]) if upto is None else (self.k[i][:, :, :upto], self.v[i][:, :, :upto])
+            if slots is None:
+                self.k[i].index_copy_(2, where, k)
+                self.v[i].index_copy_(2, where, v)
+                keys, values = (self.k[i], self.v[i]) if upto is None else (self.k[i][:, :, :upto], self.v[i][:, :, :upto])
+            else:
+                self.k[i][slots, :, pos] = k[:, :, 0]  # (B, Hkv, hd) into each row's slot and position
+                self.v[i][slots, :, pos] = v[:, :, 0]
+                keys, values = self.k[i][slots, :, :upto], self.v[i][slots, :, :upto]
             att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                  scale=self.scaling, enable_gqa=self.n_kv != self.n_heads)
             x = x + L["o"](att.transpose(1, 2).reshape(b, 1, nq))
@@ -321,6 +328,59 @@ class FastLlamaDecoder:
             x = x + L["down"](F.silu(gate) * up)
         x = self._rms(x, self.norm)
         return self.head(x[:, -1, :]).float()
+
+
+class SlotLlamaDecoder(FastLlamaDecoder):
+    """KV-cache slots for sequences that join and leave between steps (continuous batching).
+
+    Each slot holds one sequence's keys and values at its own positions 0..length-1: no left
+    padding, no shared length. :meth:`prefill` puts a prompt into a free slot (one forward pass
+    through transformers' model) and :meth:`decode` decodes one token for any set of slots at once,
+    each attending only to its own filled positions. Used by the server's scheduler, which owns
+    the decoder on one thread.
+
+    Args:
+        model: a ``LlamaForCausalLM`` (see :func:`supports`).
+        slots: how many sequences can be held at once.
+        max_len: positions per slot (prompt + new tokens).
+        quantize: as for :class:`FastLlamaDecoder`.
+    """
+
+    def __init__(self, model, slots: int, max_len: int, quantize: str | None = None):
+        super().__init__(model, batch=slots, max_len=max_len, quantize=quantize, compile=False)
+        self.model = model
+        self.lengths = [0] * slots
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
+        """Put the prompt ``ids`` into ``slot``; returns the float32 logits of its next token (V,)."""
+        from .strategies import forward_step
+
+        if len(ids) >= self.max_len:
+            raise StyletuneError(f"the prompt has {len(ids)} tokens; a slot holds {self.max_len} positions")
+        logits, cache = forward_step(self.model, torch.tensor([ids], device=self.embed.device), None)
+        for i, layer in enumerate(cache.layers):
+            self.k[i][slot, :, :len(ids)] = layer.keys[0]
+            self.v[i][slot, :, :len(ids)] = layer.values[0]
+        self.lengths[slot] = len(ids)
+        return logits[0]
+
+    @torch.inference_mode()
+    def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        """Append ``tokens[b]`` to the sequence in ``slots[b]``; float32 logits (B, vocab) of the next ones."""
+        device = self.embed.device
+        pos = torch.tensor([self.lengths[s] for s in slots], device=device)
+        upto = int(pos.max()) + 1
+        if upto > self.max_len:
+            raise StyletuneError(f"the decode cache holds {self.max_len} positions; all are used")
+        # Each row sees its own filled positions; rows of one length need no mask (sdpa's fast path).
+        mask = None if bool((pos == pos[0]).all()) else (
+            torch.arange(upto, device=device)[None, :] <= pos[:, None])[:, None, None, :]
+        ids = torch.tensor(tokens, device=device)[:, None]
+        logits = self._forward(ids, pos, None, mask, upto, torch.tensor(slots, device=device))
+        for s in slots:
+            self.lengths[s] += 1
+        return logits
 
 
 def _compiled(fn):
