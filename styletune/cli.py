@@ -485,6 +485,34 @@ def export_command(run, out, fmt, quant, overwrite):
         click.echo(f"AutoModelForCausalLM.from_pretrained({str(result.out)!r}) loads it")
 
 
+@main.command()
+@model_options
+@quantize_option
+@click.option("--compare-with", help="A second model served beside it (the web page's side-by-side column), "
+              "e.g. the base model.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; only this machine "
+              "by default.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--api-key", envvar="STYLETUNE_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/ "
+              "(or $STYLETUNE_API_KEY).")
+@click.option("--max-concurrency", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Sequences decoded together per model (KV slots); more wait in a bounded queue.")
+@click.option("--max-tokens-cap", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="The most tokens one request may ask for.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300, show_default=True,
+              help="Seconds a request may take, waiting included.")
+def serve(model, device, dtype, quantize, compare_with, host, port, api_key, max_concurrency, max_tokens_cap,
+          timeout):
+    """Serve MODEL over an OpenAI-compatible API (/v1/completions, /v1/chat/completions) and a web
+    page (/) for writing, comparing and probing."""
+    from .config import check_quantize
+    from .server import Limits, serve as run_server
+
+    run_server(model, compare_with=compare_with, host=host, port=port, api_key=api_key,
+               max_concurrency=max_concurrency, limits=Limits(max_tokens_cap=max_tokens_cap, timeout=timeout),
+               device=device, dtype=dtype, quantize=check_quantize(quantize), echo=lambda m: click.echo(m, err=True))
+
+
 # -------------------------------------------------------------------------------------- compare
 
 

@@ -1,0 +1,264 @@
+"""Continuous batching: one thread owns the model and decodes every active sequence together.
+
+Requests are queued; between decode steps the scheduler admits waiting ones into free KV
+slots (a prefill each), then runs one batched step for all active sequences, each with its
+own decoding settings and random generator, and retires the finished, cancelled and timed-out
+ones, so sequences join and leave the batch at every step (as vLLM and llama.cpp's server do).
+
+Tokens are chosen exactly as :func:`styletune.decoding.engine.generate` chooses them (the same
+processors, one generator per sample seeded with ``seed + i``, the same draws), so a request
+gives the text ``styletune generate`` gives with the same settings and seed.
+
+Models without the lean decode step (GPT-2 and others) and beam search are served one request
+at a time through ``generate`` on the same thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import DecodingConfig
+from ..errors import StyletuneError
+from .engine import _Stream, encode_prompts, generate, pick_tokens
+from .processors import build_processors
+
+
+class QueueFull(StyletuneError):
+    """Every slot is busy and the waiting queue is full."""
+
+
+@dataclass
+class Event:
+    """What a request's consumer receives, in order: tokens, then one ``done`` (or ``error``)."""
+
+    kind: str  # "token" | "done" | "error"
+    text: str = ""
+    """New text that can no longer change (stop strings and partial characters held back)."""
+    token_id: int | None = None
+    logprob: float | None = None
+    """The model's log-probability of the token (raw logits, before any decoding rule)."""
+    top: list[tuple[int, float]] | None = None
+    """The ``logprobs`` most likely tokens and their log-probabilities, most likely first."""
+    finish_reason: str | None = None
+    """``stop`` (EOS or a stop string) or ``length``, on ``done``."""
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    """One sequence to decode: a prompt and its own settings (one sample: seed is its own)."""
+
+    prompt: str
+    cfg: DecodingConfig
+    seed: int
+    logprobs: int | None = None
+    """None: no log-probabilities; 0: the chosen token's; N: also the N most likely tokens'."""
+    timeout: float | None = None
+    events: "queue.Queue[Event]" = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def cancel(self) -> None:
+        """Stop decoding it at the next step (a client that went away)."""
+        self.cancelled.set()
+
+
+@dataclass
+class _Active:
+    request: Request
+    slot: int
+    ids: list[int]
+    logits: torch.Tensor
+    gen: torch.Generator
+    shaping: object
+    sampling: object
+    stream: _Stream
+    eos: int | None
+    deadline: float | None
+    made: int = 0
+
+
+class Scheduler:
+    """Owns ``lm`` on its own thread; :meth:`submit` from any thread.
+
+    Args:
+        lm: a :class:`~styletune.models.LoadedModel`.
+        max_concurrency: KV slots, i.e. sequences decoded together.
+        max_queue: requests allowed to wait for a slot; beyond it :meth:`submit` raises :class:`QueueFull`.
+    """
+
+    def __init__(self, lm, max_concurrency: int = 8, max_queue: int = 64):
+        from . import fast
+
+        self.lm = lm
+        self.max_concurrency = max_concurrency
+        self.waiting: "queue.Queue[Request]" = queue.Queue(maxsize=max_queue)
+        self.active: list[_Active] = []
+        self.free = list(range(max_concurrency))
+        self.batched = bool(getattr(lm, "fast_decode", True)) and fast.supports(lm.model)
+        self.decoder = (fast.SlotLlamaDecoder(lm.model, max_concurrency, lm.context_length,
+                                              quantize=getattr(lm, "quantize", None)) if self.batched else None)
+        self.steps = 0
+        self.max_batch_seen = 0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"styletune-scheduler-{lm.name}", daemon=True)
+        self.thread.start()
+
+    # ------------------------------------------------------------------ any thread
+
+    def submit(self, request: Request) -> Request:
+        try:
+            self.waiting.put_nowait(request)
+        except queue.Full:
+            raise QueueFull(f"all {self.max_concurrency} slots are busy and {self.waiting.maxsize} requests are "
+                            "waiting; retry later") from None
+        self._wake.set()
+        return request
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self.thread.join(timeout=10)
+
+    @property
+    def busy(self) -> int:
+        return len(self.active) + self.waiting.qsize()
+
+    # ------------------------------------------------------------------ the scheduler thread
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop.is_set():
+            try:
+                self._admit()
+                if not self.active:
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                self._step()
+            except Exception as exc:  # noqa: BLE001 - one bad step must not stop the server
+                for a in self.active:
+                    self._fail(a, f"decoding failed: {type(exc).__name__}: {exc}")
+                self.active.clear()
+                self.free = list(range(self.max_concurrency))
+
+    def _admit(self) -> None:
+        while self.free or not self.batched:
+            try:
+                request = self.waiting.get_nowait()
+            except queue.Empty:
+                return
+            if request.cancelled.is_set():
+                continue
+            if request.cfg.max_new_tokens == 0:
+                request.prompt_tokens = len(encode_prompts(self.lm.tokenizer, [request.prompt])[0])
+                request.events.put(Event("done", finish_reason="length"))
+                continue
+            if not self.batched or request.cfg.mode == "beam":
+                self._run_alone(request)
+                continue
+            slot = self.free.pop()
+            try:
+                ids = encode_prompts(self.lm.tokenizer, [request.prompt])[0]
+                request.prompt_tokens = len(ids)
+                logits = self.decoder.prefill(slot, ids)
+            except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                self.free.append(slot)
+                request.events.put(Event("error", error=str(exc)))
+                continue
+            shaping, sampling = build_processors(request.cfg)
+            self.active.append(_Active(
+                request=request, slot=slot, ids=list(ids), logits=logits,
+                gen=torch.Generator(device="cpu").manual_seed(request.seed), shaping=shaping, sampling=sampling,
+                stream=_Stream(self.lm.tokenizer, request.cfg.stop),
+                eos=self.lm.eos_token_id if request.cfg.stop_at_eos else None,
+                deadline=time.monotonic() + request.timeout if request.timeout else None))
+
+    def _step(self) -> None:
+        """Choose a token for every active sequence from its logits, retire the finished ones, then
+        one batched forward pass for the rest."""
+        now = time.monotonic()
+        going: list[_Active] = []
+        for a in self.active:
+            req = a.request
+            if req.cancelled.is_set():
+                self._retire(a)
+                continue
+            if a.deadline is not None and now > a.deadline:
+                self._fail(a, f"the request timed out after {req.timeout:g} s")
+                continue
+            try:
+                finish = self._choose(a)
+            except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                self._fail(a, f"decoding failed: {type(exc).__name__}: {exc}")
+                continue
+            if finish is not None:
+                req.events.put(Event("done", finish_reason=finish))
+                self._retire(a, notify=False)
+                continue
+            going.append(a)
+        self.active = going
+        if going:
+            logits = self.decoder.decode([a.slot for a in going], [a.ids[-1] for a in going])
+            for a, row in zip(going, logits):
+                a.logits = row
+            self.steps += 1
+            self.max_batch_seen = max(self.max_batch_seen, len(going))
+
+    def _choose(self, a: _Active) -> str | None:
+        """Pick ``a``'s next token and hand out its text; the finish reason, or None to go on."""
+        req = a.request
+        seq = torch.tensor([a.ids], device=a.logits.device)
+        token = pick_tokens(req.cfg, a.shaping, a.sampling, seq, a.logits[None], [a.gen])[0]
+        # EOS, or the token that completes a stop string, is not part of the output (as in generate).
+        finish = "stop" if (a.eos is not None and token == a.eos) or a.stream.push(token) else None
+        a.made += 1
+        req.completion_tokens = len(a.stream.ids)
+        if finish is None and a.made >= req.cfg.max_new_tokens:
+            finish = "length"
+        text = a.stream.ready(final=finish is not None)
+        if finish == "stop":
+            if text:
+                req.events.put(Event("token", text=text))
+            return finish
+        event = Event("token", text=text, token_id=token)
+        if req.logprobs is not None:
+            logp = torch.log_softmax(a.logits.float(), dim=-1)
+            event.logprob = float(logp[token])
+            if req.logprobs:
+                values, ids = torch.topk(logp, req.logprobs)
+                event.top = list(zip(ids.tolist(), values.tolist()))
+        req.events.put(event)
+        a.ids.append(token)
+        return finish
+
+    def _retire(self, a: _Active, notify: bool = True) -> None:
+        self.free.append(a.slot)
+        if notify:
+            a.request.events.put(Event("done", finish_reason="cancelled"))
+
+    def _fail(self, a: _Active, message: str) -> None:
+        self.free.append(a.slot)
+        a.request.events.put(Event("error", error=message))
+
+    def _run_alone(self, request: Request) -> None:
+        """A model without the lean step, or beam search: the whole request through ``generate``."""
+        try:
+            cfg = dataclasses.replace(request.cfg, num_samples=1, seed=request.seed)
+            chunks: list[str] = []
+            [sample] = generate(self.lm, [request.prompt], cfg, on_text=lambda _row, text: chunks.append(text))
+            request.prompt_tokens = len(encode_prompts(self.lm.tokenizer, [request.prompt])[0])
+            request.completion_tokens = len(sample.token_ids)
+            if sample.text:
+                request.events.put(Event("token", text=sample.text))
+            request.events.put(Event("done", finish_reason="length" if sample.finish_reason == "length" else "stop"))
+        except Exception as exc:  # noqa: BLE001
+            request.events.put(Event("error", error=str(exc)))
