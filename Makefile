@@ -12,7 +12,10 @@ STAMP := $(VENV)/.installed
 # the native build of llama-cpp-python 0.3.36 crashed on the first decode on an AMX Xeon.
 LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-.PHONY: install demo test test-llamacpp bench clean
+# The browser tests drive Debian's Chromium (Playwright uses it in place of a browser download).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install browser demo test test-llamacpp bench clean
 
 install: $(STAMP)
 
@@ -28,7 +31,11 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(BIN)/python demo/demo.py
 
-test: install
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends chromium; }
+
+test: install browser
 	$(BIN)/python -m pytest -q
 
 # Opt-in: exported GGUF files against llama.cpp itself (builds llama-cpp-python, ~10-20 min the first time).

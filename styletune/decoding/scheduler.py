@@ -250,15 +250,28 @@ class Scheduler:
         a.request.events.put(Event("error", error=message))
 
     def _run_alone(self, request: Request) -> None:
-        """A model without the lean step, or beam search: the whole request through ``generate``."""
+        """A model without the lean step, or beam search: the whole request through ``generate``.
+        Text streams as it is made; with log-probabilities asked for, the tokens (from generate's
+        trace) are handed out when the request is done."""
+        import math
+
         try:
             cfg = dataclasses.replace(request.cfg, num_samples=1, seed=request.seed)
-            chunks: list[str] = []
-            [sample] = generate(self.lm, [request.prompt], cfg, on_text=lambda _row, text: chunks.append(text))
             request.prompt_tokens = len(encode_prompts(self.lm.tokenizer, [request.prompt])[0])
+            if request.logprobs is None or cfg.mode == "beam":
+                [sample] = generate(self.lm, [request.prompt], cfg,
+                                    on_text=lambda _row, text: request.events.put(Event("token", text=text)))
+            else:
+                [sample] = generate(self.lm, [request.prompt], cfg, trace_top=max(1, request.logprobs))
+                stream = _Stream(self.lm.tokenizer, [])
+                for n, (token, step) in enumerate(zip(sample.token_ids, sample.steps or [])):
+                    stream.push(token)
+                    top = [(c["id"], math.log(c["prob"]) if c["prob"] > 0 else -math.inf)
+                           for c in step.top[:request.logprobs]] if request.logprobs else None
+                    request.events.put(Event("token", text=stream.ready(final=n == len(sample.token_ids) - 1),
+                                             token_id=token, logprob=math.log(step.chosen_prob)
+                                             if step.chosen_prob > 0 else -math.inf, top=top))
             request.completion_tokens = len(sample.token_ids)
-            if sample.text:
-                request.events.put(Event("token", text=sample.text))
             request.events.put(Event("done", finish_reason="length" if sample.finish_reason == "length" else "stop"))
         except Exception as exc:  # noqa: BLE001
             request.events.put(Event("error", error=str(exc)))
