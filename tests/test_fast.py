@@ -97,12 +97,13 @@ def test_engine_uses_the_fast_step_and_matches_the_slow_path(llama, monkeypatch,
     scale, test_step_logits_match_transformers), so equal tokens are asserted only where the
     reference's top two candidates are further apart than that: checked, not assumed."""
     calls = []
-    real = fast.FastLlamaDecoder.step
-    monkeypatch.setattr(fast.FastLlamaDecoder, "step", lambda self, *a: calls.append(1) or real(self, *a))
+    real = fast.SlotLlamaDecoder.decode
+    monkeypatch.setattr(fast.SlotLlamaDecoder, "decode", lambda self, *a: calls.append(self.packed) or real(self, *a))
     prompts = (PROMPTS * rows)[:rows]
     cfg = DecodingConfig(greedy=True, max_new_tokens=10, stop_at_eos=False)
     quick = generate(llama, prompts, cfg)
     assert len(calls) == 9  # the first token comes from the prompt pass
+    assert calls[0] == (rows >= fast.PACK_MIN_ROWS and fast.can_pack(llama.model))
     llama.fast_decode = False
     try:
         slow = generate(llama, prompts, cfg)
@@ -177,3 +178,18 @@ def test_step_logits_match_transformers_in_bf16(tiny_model_dirs, batch):
     for ref_logits, got, dec in _decode_both_ways(lm, (PROMPTS * batch)[:batch], 6):
         assert (got - ref_logits).abs().max() <= 3e-2 * ref_logits.abs().max()
     assert not dec.packed  # MKL packing is for fp32 weights only
+
+
+def test_finished_rows_leave_the_batch(llama, monkeypatch):
+    """Per-sequence slots: a row that is done is not decoded any more (no padding steps)."""
+    cfg = DecodingConfig(greedy=True, max_new_tokens=10, stop_at_eos=False)
+    full = generate(llama, PROMPTS, cfg)
+    stop = full[0].text[1:4]
+    assert stop and stop not in full[1].text  # the premise: only row 0 meets the stop string
+    sizes = []
+    real = fast.SlotLlamaDecoder.decode
+    monkeypatch.setattr(fast.SlotLlamaDecoder, "decode",
+                        lambda self, slots, tokens: sizes.append(len(slots)) or real(self, slots, tokens))
+    stopped = generate(llama, PROMPTS, DecodingConfig(greedy=True, max_new_tokens=10, stop_at_eos=False, stop=[stop]))
+    assert stopped[0].finish_reason == "stop" and stopped[1].text == full[1].text
+    assert sizes[0] == 2 and sizes[-1] == 1 and len(sizes) == 9

@@ -1,9 +1,12 @@
 """The decode loop: KV cache, batching, per-sample seeds, streaming, stop strings, traces.
 
 One loop serves greedy, sampling and epsilon-greedy decoding; beam search lives
-in :mod:`styletune.decoding.strategies`.  Prompts are left-padded into one batch
-and each sample gets its own ``torch.Generator`` seeded with ``seed + i``, so a
-sample's text does not depend on what else is in the batch.
+in :mod:`styletune.decoding.strategies`. Models with the lean decode step decode from
+per-sequence KV slots (:class:`~styletune.decoding.fast.SlotLlamaDecoder`, the engine the
+server's scheduler runs too): each row at its own positions, finished rows leaving the
+batch. Other models (and ``--compile``) decode one left-padded batch. Each sample gets its
+own ``torch.Generator`` seeded with ``seed + i``, so a sample's text does not depend on what
+else is in the batch.
 """
 
 from __future__ import annotations
@@ -216,34 +219,57 @@ def generate(lm, prompts: list[str], cfg: DecodingConfig | None = None, *, trace
     finish = ["length"] * len(rows)
     done = [False] * len(rows)
 
-    logits, cache = forward_step(lm.model, ids, mask)  # (B, V): the whole prompt in one pass
-    fast = _fast_decoder(lm, cache, len(rows), ids.shape[1] + cfg.max_new_tokens)
-    seq = ids
-    for step in range(cfg.max_new_tokens):
-        chosen_list = pick_tokens(cfg, shaping, sampling, seq, logits, gens)
-        for r, t in enumerate(chosen_list):
-            if done[r]:
-                continue
-            if trace_top:
-                steps[r].append(_trace_step(tok, logits[r], t, trace_top, streams[r].text))
-            if eos is not None and t == eos:
-                done[r], finish[r] = True, "eos"
-            elif streams[r].push(t):
-                done[r], finish[r] = True, "stop"
-            if on_text:
-                chunk = streams[r].ready(final=done[r])
-                if chunk:
-                    on_text(r, chunk)
-        if all(done) or step == cfg.max_new_tokens - 1:
-            break  # no forward pass for a token nobody will read
-        # Finished rows keep decoding padding; their output is already fixed.
-        nxt = torch.tensor([pad_id if d else t for d, t in zip(done, chosen_list)], device=seq.device)[:, None]
-        seq = torch.cat([seq, nxt], dim=1)
-        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-        if fast is not None:
-            logits = fast.step(nxt, mask)
-        else:
-            logits, cache = forward_step(lm.model, nxt, mask, cache)
+    def accept(r: int, t: int, row_logits: torch.Tensor) -> None:
+        """Row r's token t: trace it, end the row at EOS or a stop string, stream its new text."""
+        if trace_top:
+            steps[r].append(_trace_step(tok, row_logits, t, trace_top, streams[r].text))
+        if eos is not None and t == eos:
+            done[r], finish[r] = True, "eos"
+        elif streams[r].push(t):
+            done[r], finish[r] = True, "stop"
+        if on_text:
+            chunk = streams[r].ready(final=done[r])
+            if chunk:
+                on_text(r, chunk)
+
+    slots = _slot_decoder(lm, [encoded[p] for p, _ in rows], cfg.max_new_tokens)
+    if slots is not None:
+        # Per-sequence KV slots: every row at its own positions (no padding), and a finished row
+        # leaves the batch, so later steps decode only the rows still going.
+        decoder, logits = slots
+        seqs = [list(encoded[p]) for p, _ in rows]
+        live = list(range(len(rows)))
+        for step in range(cfg.max_new_tokens):
+            chosen = {r: pick_tokens(cfg, shaping, sampling, torch.tensor([seqs[r]], device=lm.device),
+                                     logits[k][None], [gens[r]])[0] for k, r in enumerate(live)}
+            for k, r in enumerate(live):
+                accept(r, chosen[r], logits[k])
+            live = [r for r in live if not done[r]]
+            if not live or step == cfg.max_new_tokens - 1:
+                break  # no forward pass for a token nobody will read
+            for r in live:
+                seqs[r].append(chosen[r])
+            logits = decoder.decode(live, [chosen[r] for r in live])
+    else:
+        # One left-padded batch through transformers' forward (or the compiled fixed-shape step).
+        logits, cache = forward_step(lm.model, ids, mask)  # (B, V): the whole prompt in one pass
+        fast = _fast_decoder(lm, cache, len(rows), ids.shape[1] + cfg.max_new_tokens)
+        seq = ids
+        for step in range(cfg.max_new_tokens):
+            chosen_list = pick_tokens(cfg, shaping, sampling, seq, logits, gens)
+            for r, t in enumerate(chosen_list):
+                if not done[r]:
+                    accept(r, t, logits[r])
+            if all(done) or step == cfg.max_new_tokens - 1:
+                break
+            # Finished rows decode padding here (fixed shapes); their output is already fixed.
+            nxt = torch.tensor([pad_id if d else t for d, t in zip(done, chosen_list)], device=seq.device)[:, None]
+            seq = torch.cat([seq, nxt], dim=1)
+            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+            if fast is not None:
+                logits = fast.step(nxt, mask)
+            else:
+                logits, cache = forward_step(lm.model, nxt, mask, cache)
 
     samples = []
     for r, (p, i) in enumerate(rows):
@@ -256,6 +282,28 @@ def generate(lm, prompts: list[str], cfg: DecodingConfig | None = None, *, trace
                               seed=seed + i if cfg.mode in ("sample", "eps") else None,
                               steps=steps[r] if trace_top else None))
     return samples
+
+
+def _slot_decoder(lm, rows: list[list[int]], max_new_tokens: int):
+    """(decoder, first logits (B, V)) with row r's prompt in slot r, for models with the lean step;
+    None for the others and for ``--compile`` (whose step needs the fixed shapes of one padded batch).
+    Samples of one prompt share its prefill: the first slot's cache is copied to the others."""
+    from . import fast
+
+    if not getattr(lm, "fast_decode", False) or getattr(lm, "compile", False) or not fast.supports(lm.model):
+        return None
+    decoder = fast.SlotLlamaDecoder(lm.model, len(rows), max(len(r) for r in rows) + max_new_tokens,
+                                    quantize=getattr(lm, "quantize", None))
+    logits, first = [], {}
+    for slot, ids in enumerate(rows):
+        key = tuple(ids)
+        if key in first:
+            decoder.copy_slot(first[key], slot)
+            logits.append(logits[first[key]])
+        else:
+            first[key] = slot
+            logits.append(decoder.prefill(slot, ids))
+    return decoder, torch.stack(logits)
 
 
 def _fast_decoder(lm, cache, batch: int, max_len: int):

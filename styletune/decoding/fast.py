@@ -366,6 +366,15 @@ class SlotLlamaDecoder(FastLlamaDecoder):
         return logits[0]
 
     @torch.inference_mode()
+    def copy_slot(self, src: int, dst: int) -> None:
+        """Start ``dst`` as a copy of ``src`` (samples of one prompt share its prefill)."""
+        n = self.lengths[src]
+        for k, v in zip(self.k, self.v):
+            k[dst, :, :n] = k[src, :, :n]
+            v[dst, :, :n] = v[src, :, :n]
+        self.lengths[dst] = n
+
+    @torch.inference_mode()
     def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
         """Append ``tokens[b]`` to the sequence in ``slots[b]``; float32 logits (B, vocab) of the next ones."""
         device = self.embed.device
