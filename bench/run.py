@@ -1,6 +1,6 @@
 """Benchmark styletune against plain references, on this machine, in one run.
 
-    .venv/bin/python bench/run.py [--quick] [--only train|generate|dtype] [--model smollm2-135m|gpt2-random]
+    .venv/bin/python bench/run.py [--quick] [--only train|generate|dtype|serve] [--model smollm2-135m|gpt2-random]
 
 The CPUs these runs share are noisy (other work runs beside them), so no number
 here means much on its own: every styletune figure is printed as a RATIO against a
@@ -723,6 +723,136 @@ def measure_llamacpp_tuned_q8_0_b1(s: Settings) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Serving: concurrent streaming clients against one server
+
+
+def _stream_load(url: str, model: str, clients: int, new_tokens: int) -> dict:
+    """``clients`` threads each stream one completion of ``new_tokens`` tokens at once; aggregate
+    tokens/s over the whole wall time, and the mean time to first token."""
+    import concurrent.futures
+
+    import httpx
+
+    # logprobs 0: one chunk per token (text held back at a partial character still comes as a chunk).
+    body = {"model": model, "max_tokens": new_tokens, "temperature": 0.8, "stream": True, "ignore_eos": True,
+            "logprobs": 0}
+
+    def one(i: int):
+        t0 = time.perf_counter()
+        first, tokens = None, 0
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "prompt": PROMPTS_B8[i % 8], "seed": i},
+                          timeout=600) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                choice = json.loads(line[6:])["choices"][0]
+                made = len((choice.get("logprobs") or {}).get("tokens") or [])
+                if made and first is None:
+                    first = time.perf_counter() - t0
+                tokens += made
+        return first, tokens
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(one, range(clients)))
+    wall = time.perf_counter() - t0
+    made = sum(t for _, t in results)
+    ttft = [f for f, _ in results if f is not None]
+    return {"value": made / wall, "unit": "aggregate tokens/s", "seconds": wall,
+            "ttft_s": sum(ttft) / len(ttft) if ttft else None, "tokens": made}
+
+
+def _serve_styletune(s: Settings, clients: int) -> dict:
+    import threading
+
+    import uvicorn
+
+    from styletune.server import Limits, ServerState, create_app, load_into
+
+    state = ServerState(limits=Limits(max_tokens_cap=4096))
+    load_into(state, s.styletune_model, None, max_concurrency=32, device="cpu", dtype="auto")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="error"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    _stream_load(url, s.styletune_model, 1, s.warmup_new_tokens)  # warm-up
+    r = _stream_load(url, s.styletune_model, clients, s.new_tokens)
+    scheduler = next(iter(state.models.values())).scheduler
+    server.should_exit = True
+    scheduler.close()
+    r.update(timing=f"1 warm-up request, then {clients} concurrent streams of {s.new_tokens} tokens",
+             notes=f"{clients} clients, {r['tokens']} tokens in {r['seconds']:.1f} s, mean time to first token "
+                   f"{r['ttft_s']:.2f} s; largest batch decoded {scheduler.max_batch_seen}; "
+                   f"{'continuous batching over KV slots' if scheduler.batched else 'one request at a time'}")
+    return r
+
+
+def measure_serve_c1(s: Settings) -> dict:
+    """``styletune serve`` (in-process uvicorn, 32 KV slots) with one streaming client."""
+    return _serve_styletune(s, 1)
+
+
+def measure_serve_c8(s: Settings) -> dict:
+    """The same server, 8 clients streaming at once (each its own prompt and seed)."""
+    return _serve_styletune(s, 8)
+
+
+def measure_serve_c32(s: Settings) -> dict:
+    """The same server, 32 clients streaming at once."""
+    return _serve_styletune(s, 32)
+
+
+def _serve_llamacpp(s: Settings, clients: int) -> dict:
+    """Reference: llama.cpp's own OpenAI-compatible server (``llama_cpp.server``) on the Q4_1 GGUF,
+    the same thread count, the same load. Skipped without llama-cpp-python's server extras."""
+    if s.gguf is None:
+        return {"skipped": f"no GGUF for --model {s.model}"}
+    try:
+        import llama_cpp.server.app  # noqa: F401  - needs llama-cpp-python[server]
+    except ImportError:
+        return {"skipped": "llama-cpp-python[server] not installed"}
+    threads = s.threads or os.cpu_count()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", s.gguf, "--host", "127.0.0.1",
+                             "--port", str(port), "--n_threads", str(threads), "--n_ctx", "4096"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import httpx
+
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        _stream_load(url, "model", 1, s.warmup_new_tokens)
+        r = _stream_load(url, "model", clients, s.new_tokens)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    r.update(timing=f"1 warm-up request, then {clients} concurrent streams of {s.new_tokens} tokens",
+             notes=f"llama_cpp.server, Q4_1 GGUF, n_threads={threads}; {r['tokens']} tokens in {r['seconds']:.1f} s, "
+                   f"mean time to first token {r['ttft_s']:.2f} s", threads=threads)
+    return r
+
+
+def measure_llamacpp_serve_c1(s: Settings) -> dict:
+    return _serve_llamacpp(s, 1)
+
+
+def measure_llamacpp_serve_c32(s: Settings) -> dict:
+    return _serve_llamacpp(s, 32)
+
+
+# ---------------------------------------------------------------------------------------------
 # Load time
 
 
@@ -950,6 +1080,11 @@ MEASUREMENTS = {
     "load_time": ("generate", "styletune", measure_load_time),
     "load_time_gguf": ("generate", "reference", measure_load_time_gguf),
     "load_time_hf_dir": ("generate", "reference", measure_load_time_hf_dir),
+    "serve_c1": ("serve", "styletune", measure_serve_c1),
+    "serve_c8": ("serve", "styletune", measure_serve_c8),
+    "serve_c32": ("serve", "styletune", measure_serve_c32),
+    "llamacpp_serve_c1": ("serve", "reference", measure_llamacpp_serve_c1),
+    "llamacpp_serve_c32": ("serve", "reference", measure_llamacpp_serve_c32),
     "styletune_train_fp32": ("dtype", "styletune", measure_styletune_train_fp32),
     "styletune_train_bf16": ("dtype", "styletune", measure_styletune_train_bf16),
     "styletune_generate_b1_fp32": ("dtype", "styletune", measure_styletune_generate_b1_fp32),
@@ -1007,6 +1142,13 @@ RATIOS = [
      "plain from_pretrained of the same dir vs load_model (~1 = no overhead)"),
     ("tuned run b1: styletune / llama.cpp Q8_0", "styletune_tuned_b1", "llamacpp_tuned_q8_0_b1",
      "the same tuned run decoded by styletune (fp32) vs its `styletune export --quant q8_0` file in llama.cpp"),
+    ("serve: 8 streams / 1", "serve_c8", "serve_c1", "aggregate tokens/s of 8 concurrent streaming clients vs 1"),
+    ("serve: 32 streams / 1", "serve_c32", "serve_c1",
+     "aggregate tokens/s of 32 concurrent streaming clients vs 1 (> 1: batched, not serialised)"),
+    ("serve: styletune / llama.cpp server, 1 stream", "serve_c1", "llamacpp_serve_c1",
+     "one streaming client, styletune serve vs llama_cpp.server"),
+    ("serve: styletune / llama.cpp server, 32 streams", "serve_c32", "llamacpp_serve_c32",
+     "32 streaming clients, styletune serve vs llama_cpp.server"),
     ("train: bf16 / fp32", "styletune_train_bf16", "styletune_train_fp32",
      "LoRA training tokens/s with bf16 autocast vs fp32 (> 1: bf16 is the faster --dtype here)"),
     ("decode b1: bf16 / fp32", "styletune_generate_b1_bf16", "styletune_generate_b1_fp32",
@@ -1332,8 +1474,8 @@ def parent_main(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: a ~3 minute check that every row works")
-    p.add_argument("--only", choices=["train", "generate", "dtype"],
-                   help="run only the training, the generation or the fp32-vs-bf16 rows")
+    p.add_argument("--only", choices=["train", "generate", "dtype", "serve"],
+                   help="run only the training, the generation, the fp32-vs-bf16 or the serving rows")
     p.add_argument("--model", choices=["smollm2-135m", "gpt2-random"], default="smollm2-135m")
     p.add_argument("--rounds", type=int, default=1,
                    help="run every measurement N times in rotation and keep the best (less noise, N times longer)")

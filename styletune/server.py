@@ -6,7 +6,8 @@ events), and the page at ``/``. Each served model has its own :class:`Scheduler`
 decodes every request in flight together (continuous batching).
 
 Besides OpenAI's fields the request bodies accept styletune's own decoding controls:
-``top_k``, ``min_p``, ``eps``, ``repetition_penalty``, ``no_repeat_ngram_size``, ``num_beams``.
+``top_k``, ``min_p``, ``eps``, ``repetition_penalty``, ``no_repeat_ngram_size``, ``num_beams``,
+and vLLM's ``ignore_eos``.
 Errors come in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
 """
 
@@ -133,7 +134,8 @@ def decoding_from_body(body: dict, limits: Limits, default_max_tokens: int) -> t
         top_k=_number(body, "top_k", int, None, low=1), top_p=top_p,
         min_p=_number(body, "min_p", float, None, low=0, high=1), eps=_number(body, "eps", float, None, low=0, high=1),
         num_beams=num_beams, repetition_penalty=_number(body, "repetition_penalty", float, 1.0, low=0, low_open=True),
-        no_repeat_ngram_size=_number(body, "no_repeat_ngram_size", int, 0, low=0), stop=stops, num_samples=1)
+        no_repeat_ngram_size=_number(body, "no_repeat_ngram_size", int, 0, low=0), stop=stops, num_samples=1,
+        stop_at_eos=not _flag(body, "ignore_eos"))
     try:
         cfg.validate()
     except StyletuneError as exc:
@@ -143,6 +145,13 @@ def decoding_from_body(body: dict, limits: Limits, default_max_tokens: int) -> t
 
         seed = new_seed()
     return cfg, n, seed
+
+
+def _flag(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise ApiError(400, f"'{name}' must be true or false, got {value!r}", name)
+    return value
 
 
 def _logprobs_count(body: dict, chat: bool) -> int | None:
