@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 pytestmark = [pytest.mark.llamacpp, pytest.mark.real_model]
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: run `make test-llamacpp`")
 
 PROMPTS = ["Why do programmers prefer dark mode?", "A SQL query walks into a bar", "Once upon a time",
            "My code", "How many programmers does it take to change a light bulb?"]
@@ -24,6 +23,7 @@ PROMPTS = ["Why do programmers prefer dark mode?", "A SQL query walks into a bar
 def exported(tmp_path_factory):
     """A LoRA run of the bundled model on pyjokes' jokes (a few steps: enough to change the model),
     exported three ways."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: run `make test-llamacpp`")
     import pyjokes
 
     from styletune.config import DataConfig, TrainConfig
@@ -45,6 +45,8 @@ def exported(tmp_path_factory):
 
 
 def _llama(path):
+    import llama_cpp
+
     return llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False, seed=0)
 
 
