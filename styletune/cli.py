@@ -501,15 +501,19 @@ def export_command(run, out, fmt, quant, overwrite):
               help="The most tokens one request may ask for.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300, show_default=True,
               help="Seconds a request may take, waiting included.")
+@click.option("--max-model-len", type=click.IntRange(min=16), default=2048, show_default=True,
+              help="Positions per sequence, prompt and completion together (capped by the model's context); "
+                   "the KV cache of every slot is allocated for this many.")
 def serve(model, device, dtype, quantize, compare_with, host, port, api_key, max_concurrency, max_tokens_cap,
-          timeout):
+          timeout, max_model_len):
     """Serve MODEL over an OpenAI-compatible API (/v1/completions, /v1/chat/completions) and a web
     page (/) for writing, comparing and probing."""
     from .config import check_quantize
     from .server import Limits, serve as run_server
 
     run_server(model, compare_with=compare_with, host=host, port=port, api_key=api_key,
-               max_concurrency=max_concurrency, limits=Limits(max_tokens_cap=max_tokens_cap, timeout=timeout),
+               max_concurrency=max_concurrency,
+               limits=Limits(max_tokens_cap=max_tokens_cap, timeout=timeout, max_model_len=max_model_len),
                device=device, dtype=dtype, quantize=check_quantize(quantize), echo=lambda m: click.echo(m, err=True))
 
 

@@ -58,6 +58,9 @@ class Limits:
     max_n: int = 16
     timeout: float | None = 300.0
     """Seconds a request may run (queue time included)."""
+    max_model_len: int = 2048
+    """Positions per sequence, prompt and completion together (capped by the model's context), as
+    vLLM's ``--max-model-len``: the KV slots are allocated for this many."""
 
 
 @dataclass
@@ -266,10 +269,12 @@ def create_app(state: ServerState):
         tok = served.lm.tokenizer
         for p in prompts:
             length = len(tok(p)["input_ids"]) if p else 1
-            if length + cfg.max_new_tokens > served.lm.context_length:
+            room = served.scheduler.max_len
+            if length + cfg.max_new_tokens > room:
                 raise ApiError(400, f"the prompt has {length} tokens and max_tokens is {cfg.max_new_tokens}: "
-                               f"{length + cfg.max_new_tokens} exceeds the model's context of "
-                               f"{served.lm.context_length} tokens", "max_tokens", code="context_length_exceeded")
+                               f"{length + cfg.max_new_tokens} exceeds the {room} positions a sequence may use here "
+                               f"(the model's context is {served.lm.context_length})", "max_tokens",
+                               code="context_length_exceeded")
         reqs = []
         try:
             for p in prompts:
@@ -473,7 +478,8 @@ def load_into(state: ServerState, model: str, compare_with: str | None, max_conc
         names = [(model, "model")] + ([(compare_with, "comparison")] if compare_with else [])
         for name, role in names:
             lm = load_model(name, device=device, dtype=dtype, quantize=quantize)
-            scheduler = Scheduler(lm, max_concurrency=max_concurrency, max_queue=4 * max_concurrency)
+            scheduler = Scheduler(lm, max_concurrency=max_concurrency, max_queue=4 * max_concurrency,
+                                  max_len=state.limits.max_model_len)
             state.models[name] = Served(id=name, lm=lm, scheduler=scheduler, role=role)
         state.default = model
         state.ready = True

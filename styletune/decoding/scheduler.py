@@ -92,9 +92,12 @@ class Scheduler:
         lm: a :class:`~styletune.models.LoadedModel`.
         max_concurrency: KV slots, i.e. sequences decoded together.
         max_queue: requests allowed to wait for a slot; beyond it :meth:`submit` raises :class:`QueueFull`.
+        max_len: positions per slot, prompt and completion together (at most the model's context).
+            The slots' KV cache is allocated up front: layers x slots x max_len x KV width, 96 MB per
+            slot at 2048 positions for SmolLM2-135M in fp32.
     """
 
-    def __init__(self, lm, max_concurrency: int = 8, max_queue: int = 64):
+    def __init__(self, lm, max_concurrency: int = 8, max_queue: int = 64, max_len: int = 2048):
         from . import fast
 
         self.lm = lm
@@ -103,7 +106,8 @@ class Scheduler:
         self.active: list[_Active] = []
         self.free = list(range(max_concurrency))
         self.batched = bool(getattr(lm, "fast_decode", True)) and fast.supports(lm.model)
-        self.decoder = (fast.SlotLlamaDecoder(lm.model, max_concurrency, lm.context_length,
+        self.max_len = min(max_len, lm.context_length)
+        self.decoder = (fast.SlotLlamaDecoder(lm.model, max_concurrency, self.max_len,
                                               quantize=getattr(lm, "quantize", None)) if self.batched else None)
         self.steps = 0
         self.max_batch_seen = 0
