@@ -45,7 +45,7 @@ test-llamacpp: install
 
 # `make bench LLAMACPP=1` also builds llama-cpp-python (10-20 min) for the llama.cpp reference rows.
 bench: install
-	$(if $(LLAMACPP),CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(BIN)/python -m pip install -q llama-cpp-python,)
+	$(if $(LLAMACPP),CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(BIN)/python -m pip install -q "llama-cpp-python[server]",)
 	$(BIN)/python bench/run.py
 
 clean:

@@ -742,6 +742,8 @@ def _stream_load(url: str, model: str, clients: int, new_tokens: int) -> dict:
         first, tokens = None, 0
         with httpx.stream("POST", url + "/v1/completions", json={**body, "prompt": PROMPTS_B8[i % 8], "seed": i},
                           timeout=600) as r:
+            if r.status_code != 200:
+                return None, 0, r.status_code
             for line in r.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
@@ -750,16 +752,19 @@ def _stream_load(url: str, model: str, clients: int, new_tokens: int) -> dict:
                 if made and first is None:
                     first = time.perf_counter() - t0
                 tokens += made
-        return first, tokens
+        return first, tokens, 200
 
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(one, range(clients)))
     wall = time.perf_counter() - t0
-    made = sum(t for _, t in results)
-    ttft = [f for f, _ in results if f is not None]
+    made = sum(t for _, t, _ in results)
+    ttft = [f for f, _, _ in results if f is not None]
+    refused = [code for _, _, code in results if code != 200]
     return {"value": made / wall, "unit": "aggregate tokens/s", "seconds": wall,
-            "ttft_s": sum(ttft) / len(ttft) if ttft else None, "tokens": made}
+            "ttft_s": sum(ttft) / len(ttft) if ttft else float("nan"), "tokens": made,
+            "refused": (f"; {len(refused)} of {clients} requests refused (HTTP {', '.join(map(str, sorted(set(refused))))})"
+                        if refused else "")}
 
 
 def _serve_styletune(s: Settings, clients: int) -> dict:
@@ -786,7 +791,7 @@ def _serve_styletune(s: Settings, clients: int) -> dict:
     scheduler.close()
     r.update(timing=f"1 warm-up request, then {clients} concurrent streams of {s.new_tokens} tokens",
              notes=f"{clients} clients, {r['tokens']} tokens in {r['seconds']:.1f} s, mean time to first token "
-                   f"{r['ttft_s']:.2f} s; largest batch decoded {scheduler.max_batch_seen}; "
+                   f"{r['ttft_s']:.2f} s{r['refused']}; largest batch decoded {scheduler.max_batch_seen}; "
                    f"{'continuous batching over KV slots' if scheduler.batched else 'one request at a time'}")
     return r
 
@@ -840,7 +845,7 @@ def _serve_llamacpp(s: Settings, clients: int) -> dict:
         proc.wait(timeout=30)
     r.update(timing=f"1 warm-up request, then {clients} concurrent streams of {s.new_tokens} tokens",
              notes=f"llama_cpp.server, Q4_1 GGUF, n_threads={threads}; {r['tokens']} tokens in {r['seconds']:.1f} s, "
-                   f"mean time to first token {r['ttft_s']:.2f} s", threads=threads)
+                   f"mean time to first token {r['ttft_s']:.2f} s{r['refused']}", threads=threads)
     return r
 
 

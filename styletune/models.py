@@ -358,7 +358,8 @@ def load_plain(source: ModelSource, torch_dtype):
     if source.kind != "hub":
         check_weight_files(Path(location))
     tokenizer = _from_pretrained(AutoTokenizer, location, source)
-    model = _from_pretrained(AutoModelForCausalLM, location, source, dtype=torch_dtype)
+    # Only safetensors weights: a pickled checkpoint (pytorch_model.bin) can run code when loaded.
+    model = _from_pretrained(AutoModelForCausalLM, location, source, dtype=torch_dtype, use_safetensors=True)
     return model, tokenizer
 
 
@@ -380,7 +381,7 @@ def load_run_model(path: Path, torch_dtype, merge: bool = True):
     source = resolve(str(wdir))
     tokenizer = _from_pretrained(AutoTokenizer, str(wdir), source)
     if info["method"] == "full":
-        model = _from_pretrained(AutoModelForCausalLM, str(wdir), source, dtype=torch_dtype)
+        model = _from_pretrained(AutoModelForCausalLM, str(wdir), source, dtype=torch_dtype, use_safetensors=True)
         return model, tokenizer, info["base_model"]
     from peft import PeftModel
 

@@ -224,7 +224,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         # Full fine-tuning: the checkpoint holds the whole model.
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(resume_from, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(resume_from, dtype=torch.float32, use_safetensors=True)
     # Seeds LoRA's initialisation and dropout; a resumed run restores the RNG from its checkpoint.
     torch.manual_seed(cfg.seed)
     layers = top_layers(model, cfg.train_layers)

@@ -214,8 +214,8 @@ def test_a_client_that_disconnects_frees_its_slot(server, llama_id, monkeypatch)
     scheduler = server.state.models[llama_id].scheduler
     real = scheduler.decoder.decode
 
-    def slow(*a, **k):  # ~100 tokens/s, so the request could not finish before the check below
-        time.sleep(0.01)
+    def slow(*a, **k):  # < 40 tokens/s: its 200 tokens would take over 5 s
+        time.sleep(0.025)
         return real(*a, **k)
 
     monkeypatch.setattr(scheduler.decoder, "decode", slow)
@@ -229,7 +229,7 @@ def test_a_client_that_disconnects_frees_its_slot(server, llama_id, monkeypatch)
     while scheduler.active and time.time() < deadline:
         time.sleep(0.02)
     assert scheduler.active == [] and len(scheduler.free) == scheduler.max_concurrency
-    assert scheduler.steps - steps_before < 150  # stopped long before its 200 tokens
+    assert scheduler.steps - steps_before < 150  # stopped well before its 200 tokens
 
 
 def test_the_scheduler_keeps_serving_after_a_request_fails(server, client, llama_id, monkeypatch):
@@ -331,7 +331,9 @@ def test_a_full_queue_is_429(tiny_model_dirs, monkeypatch):
         body = {"prompt": "x", "max_tokens": 100, "n": 4}  # 1 slot + a queue of 4: the 2nd request overflows
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             first = pool.submit(httpx.post, live.url + "/v1/completions", json=body, timeout=60)
-            time.sleep(0.3)
+            deadline = time.time() + 30
+            while scheduler.busy < 4 and time.time() < deadline:  # the first request's 4 sequences are in
+                time.sleep(0.01)
             second = httpx.post(live.url + "/v1/completions", json=body, timeout=60)
             assert second.status_code == 429 and error_of(second)["type"] == "rate_limit_error"
             assert first.result().status_code == 200
