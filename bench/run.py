@@ -824,8 +824,11 @@ def _serve_llamacpp(s: Settings, clients: int) -> dict:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    # interrupt_requests off: by default a new request cuts the stream in progress short, so concurrent
+    # clients would get a few tokens each; off, llama.cpp's server answers them one after another.
     proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", s.gguf, "--host", "127.0.0.1",
-                             "--port", str(port), "--n_threads", str(threads), "--n_ctx", "4096"],
+                             "--port", str(port), "--n_threads", str(threads), "--n_ctx", "4096",
+                             "--interrupt_requests", "False"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         import httpx
@@ -1417,7 +1420,8 @@ def parent_main(args) -> int:
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
     git_start = git_state()
-    names = [n for n, (group, _, _) in MEASUREMENTS.items() if args.only in (None, group)]
+    names = [n for n, (group, _, _) in MEASUREMENTS.items() if args.only in (None, group)
+             and (not args.rows or n in args.rows.split(","))]
     workdir = Path(tempfile.mkdtemp(prefix="styletune-bench-"))
     try:
         # No torch here (see prepare_inputs): the inputs are made by a child of their own.
@@ -1460,7 +1464,7 @@ def parent_main(args) -> int:
         report = render(s, results, env, total, host, date)
         print(report)
         suffix = ("-quick" if args.quick else "") + ("" if args.model == "smollm2-135m" else f"-{args.model}") + \
-                 (f"-{args.only}" if args.only else "")
+                 (f"-{args.only}" if args.only else "") + ("-rows" if args.rows else "")
         dest = HERE / "results" / f"{date}-{host}{suffix}.md"
         for n in itertools.count(2):  # a second run on the same day keeps the first one's report
             if not dest.exists():
@@ -1481,6 +1485,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes: a ~3 minute check that every row works")
     p.add_argument("--only", choices=["train", "generate", "dtype", "serve"],
                    help="run only the training, the generation, the fp32-vs-bf16 or the serving rows")
+    p.add_argument("--rows", help="run only these measurements (comma-separated names, as in the report)")
     p.add_argument("--model", choices=["smollm2-135m", "gpt2-random"], default="smollm2-135m")
     p.add_argument("--rounds", type=int, default=1,
                    help="run every measurement N times in rotation and keep the best (less noise, N times longer)")

@@ -146,6 +146,21 @@ def test_resume_gives_the_same_losses(tmp_path, tiny_model_dirs, corpus, method,
     assert evals(broken.out) == evals(straight.out)
 
 
+def test_resume_survives_a_torn_last_line(tmp_path, tiny_model_dirs, corpus):
+    """A SIGKILL mid-write leaves half a JSON line at the end of metrics.jsonl (and samples.jsonl):
+    resume drops it with everything after the checkpoint, and the run ends as a straight one does."""
+    straight = config(tmp_path / "a", tiny_model_dirs["llama"], corpus, save_every=100)
+    train(straight)
+    broken = config(tmp_path / "b", tiny_model_dirs["llama"], corpus, save_every=100)
+    train(broken, on_step=interrupt_at(5))
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        with open(Path(broken.out) / name, "a", encoding="utf-8") as fh:
+            fh.write('{"step": 6, "loss": 6.12')  # killed here
+    assert train(broken, resume=True).steps == 8
+    assert losses(broken.out) == losses(straight.out)
+    assert all(json.loads(line) for line in (Path(broken.out) / "metrics.jsonl").read_text().splitlines())
+
+
 def test_sigint_from_the_cli_saves_and_resume_continues(tmp_path, tiny_model_dirs, corpus):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "styletune", "train", str(corpus), "--model", str(tiny_model_dirs["llama"]),
