@@ -767,6 +767,12 @@ def _stream_load(url: str, model: str, clients: int, new_tokens: int) -> dict:
                         if refused else "")}
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _serve_styletune(s: Settings, clients: int) -> dict:
     import threading
 
@@ -776,9 +782,7 @@ def _serve_styletune(s: Settings, clients: int) -> dict:
 
     state = ServerState(limits=Limits(max_tokens_cap=4096))
     load_into(state, s.styletune_model, None, max_concurrency=32, device="cpu", dtype="auto")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="error"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
@@ -821,9 +825,7 @@ def _serve_llamacpp(s: Settings, clients: int) -> dict:
     except ImportError:
         return {"skipped": "llama-cpp-python[server] not installed"}
     threads = s.threads or os.cpu_count()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     # interrupt_requests off: by default a new request cuts the stream in progress short, so concurrent
     # clients would get a few tokens each; off, llama.cpp's server answers them one after another.
     proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", s.gguf, "--host", "127.0.0.1",
@@ -853,10 +855,12 @@ def _serve_llamacpp(s: Settings, clients: int) -> dict:
 
 
 def measure_llamacpp_serve_c1(s: Settings) -> dict:
+    """Reference: one streaming client against ``llama_cpp.server``."""
     return _serve_llamacpp(s, 1)
 
 
 def measure_llamacpp_serve_c32(s: Settings) -> dict:
+    """Reference: 32 streaming clients against ``llama_cpp.server`` (which answers them in turn)."""
     return _serve_llamacpp(s, 32)
 
 

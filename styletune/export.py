@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .architectures import ARCHITECTURES, architecture_of, exportable
+from .architectures import architecture_of, exportable
 from .errors import StyletuneError
 
 FORMATS = ("gguf", "hf")
@@ -368,4 +368,4 @@ def merge_run(run: str, out: str) -> Path:
     return export(run, out, format="hf").out
 
 
-__all__ = ["ARCHITECTURES", "FORMATS", "QUANTS", "ExportResult", "export", "merge_run"]
+__all__ = ["FORMATS", "QUANTS", "ExportResult", "export", "merge_run"]

@@ -4,7 +4,6 @@ live server on 127.0.0.1, continuous batching under 32 concurrent streams, and b
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import socket
 import threading
 import time
