@@ -496,9 +496,16 @@ def serve(model: str, compare_with: str | None = None, host: str = "127.0.0.1", 
 
     from .models import resolve
 
+    import socket
+
     resolve(model)  # a bad name fails now, as one line, before the server starts
     if compare_with:
         resolve(compare_with)
+    try:  # so does a port that is taken (uvicorn would log it and exit with status 3)
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise StyletuneError(f"cannot serve on {host}:{port}: {exc.strerror or exc}; pick another --port") from None
     state = ServerState(api_key=api_key, limits=limits or Limits())
     app = create_app(state)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)

@@ -340,7 +340,7 @@ def test_a_full_queue_is_429(tiny_model_dirs, monkeypatch):
         live.stop()
 
 
-def test_cli_serve_binds_localhost_by_default():
+def test_cli_serve_binds_localhost_by_default(tiny_model_dirs):
     from click.testing import CliRunner
 
     from styletune.cli import main
@@ -349,3 +349,9 @@ def test_cli_serve_binds_localhost_by_default():
     assert r.exit_code == 0 and "127.0.0.1" in r.output
     bad = CliRunner().invoke(main, ["serve", "--model", "no-such-model"])
     assert bad.exit_code == 2 and "unknown model" in bad.output and bad.output.count("\n") == 1
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = CliRunner().invoke(main, ["serve", "--model", str(tiny_model_dirs["llama"]), "--port", str(port)])
+    assert busy.exit_code == 2 and f"cannot serve on 127.0.0.1:{port}" in busy.output, busy.output
