@@ -276,11 +276,17 @@ def create_app(state: ServerState):
                                f"(the model's context is {served.lm.context_length})", "max_tokens",
                                code="context_length_exceeded")
         reqs = []
+        # The scheduler's thread wakes this response's coroutine when a request has a new event.
+        loop, wake = asyncio.get_running_loop(), asyncio.Event()
+
+        def notify():
+            loop.call_soon_threadsafe(wake.set)
+
         try:
             for p in prompts:
                 for i in range(n):
                     reqs.append(served.scheduler.submit(Request(prompt=p, cfg=cfg, seed=seed + i, logprobs=logprobs,
-                                                                timeout=limits.timeout)))
+                                                                timeout=limits.timeout, notify=notify)))
         except QueueFull as exc:
             for r in reqs:
                 r.cancel()
@@ -288,9 +294,9 @@ def create_app(state: ServerState):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         if stream:
-            return StreamingResponse(_sse(http, served, reqs, prompts, n, rid, created, chat, echo, logprobs),
+            return StreamingResponse(_sse(http, served, reqs, prompts, n, rid, created, chat, echo, logprobs, wake),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        results = await asyncio.gather(*(_collect(http, r) for r in reqs))
+        results = await _collect_all(http, reqs, wake)
         choices = []
         for index, (r, (text, tokens, finish, error)) in enumerate(zip(reqs, results)):
             if error:
@@ -353,33 +359,45 @@ def render_chat(tokenizer, messages) -> str:
     return "".join(PLAIN_CHAT_TEMPLATE.format(role=m["role"], content=m["content"]) for m in messages) + "assistant:"
 
 
-async def _next_event(http, request: Request) -> Event | None:
-    """The request's next event, or None once the client has gone (the request is then cancelled)."""
+async def _wait(http, wake: asyncio.Event) -> bool:
+    """Until the scheduler has news (or half a second has passed); False once the client has gone."""
+    try:
+        await asyncio.wait_for(wake.wait(), timeout=0.5)
+    except asyncio.TimeoutError:
+        pass
+    return not await http.is_disconnected()
+
+
+def _drain(request: Request) -> list[Event]:
+    events = []
     while True:
         try:
-            return request.events.get_nowait()
+            events.append(request.events.get_nowait())
         except queue.Empty:
-            pass
-        if await http.is_disconnected():
-            request.cancel()
-            return None
-        await asyncio.sleep(0.005)
+            return events
 
 
-async def _collect(http, request: Request):
-    text, tokens = [], []
-    while True:
-        event = await _next_event(http, request)
-        if event is None:
-            return "".join(text), tokens, "cancelled", None
-        if event.kind == "token":
-            text.append(event.text)
-            if event.token_id is not None:
-                tokens.append(event)
-        elif event.kind == "done":
-            return "".join(text), tokens, event.finish_reason, None
-        else:
-            return "".join(text), tokens, None, event.error
+async def _collect_all(http, reqs: list[Request], wake: asyncio.Event):
+    """Each request's (text, token events, finish reason, error), once all are done."""
+    state = {i: ([], [], None, None) for i in range(len(reqs))}
+    pending = set(state)
+    while pending:
+        wake.clear()  # before draining: an event that comes after is not missed
+        for i in list(pending):
+            text, tokens, _, _ = state[i]
+            for event in _drain(reqs[i]):
+                if event.kind == "token":
+                    text.append(event.text)
+                    if event.token_id is not None:
+                        tokens.append(event)
+                else:
+                    state[i] = (text, tokens, event.finish_reason, event.error)
+                    pending.discard(i)
+        if pending and not await _wait(http, wake):
+            for i in pending:
+                reqs[i].cancel()
+            break
+    return [("".join(text), tokens, finish or "cancelled", error) for text, tokens, finish, error in state.values()]
 
 
 def _token_text(tokenizer, token_id: int) -> str:
@@ -405,7 +423,8 @@ def _chat_logprob(tokenizer, e: Event) -> dict:
                               "bytes": list(_token_text(tokenizer, i).encode())} for i, lp in (e.top or [])]}
 
 
-async def _sse(http, served: Served, reqs: list[Request], prompts, n, rid, created, chat, echo, logprobs):
+async def _sse(http, served: Served, reqs: list[Request], prompts, n, rid, created, chat, echo, logprobs,
+               wake: asyncio.Event):
     """Server-sent events: one ``data: {json}`` chunk per token of each choice, a final chunk per
     choice with its ``finish_reason``, then ``data: [DONE]``."""
     tok = served.lm.tokenizer
@@ -434,29 +453,25 @@ async def _sse(http, served: Served, reqs: list[Request], prompts, n, rid, creat
                 yield chunk(i, prompts[i // n], None, None, 0, first[i])
                 first[i] = False
         while pending:
+            wake.clear()  # before draining: an event that comes after is not missed
             progressed = False
             for i, r in list(pending.items()):
-                try:
-                    event = r.events.get_nowait()
-                except queue.Empty:
-                    continue
-                progressed = True
-                if event.kind == "token":
-                    if event.text or first[i] or logprobs is not None:  # nothing new: no chunk
-                        yield chunk(i, event.text, None, event, offsets[i], first[i])
-                        first[i] = False
-                    if event.token_id is not None:
-                        offsets[i] += len(_token_text(tok, event.token_id))
-                elif event.kind == "done":
-                    yield chunk(i, "", event.finish_reason, None, offsets[i], False)
-                    del pending[i]
-                else:
-                    yield "data: " + json.dumps(ApiError(500, event.error, type_="server_error").body()) + "\n\n"
-                    del pending[i]
-            if not progressed:
-                if await http.is_disconnected():
-                    break
-                await asyncio.sleep(0.005)
+                for event in _drain(r):
+                    progressed = True
+                    if event.kind == "token":
+                        if event.text or first[i] or logprobs is not None:  # nothing new: no chunk
+                            yield chunk(i, event.text, None, event, offsets[i], first[i])
+                            first[i] = False
+                        if event.token_id is not None:
+                            offsets[i] += len(_token_text(tok, event.token_id))
+                    elif event.kind == "done":
+                        yield chunk(i, "", event.finish_reason, None, offsets[i], False)
+                        del pending[i]
+                    else:
+                        yield "data: " + json.dumps(ApiError(500, event.error, type_="server_error").body()) + "\n\n"
+                        del pending[i]
+            if pending and not progressed and not await _wait(http, wake):
+                break
         if not pending:
             yield "data: [DONE]\n\n"
     finally:

@@ -20,6 +20,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -64,6 +65,13 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    notify: "Callable[[], None] | None" = None
+    """Called (on the scheduler's thread) after each event, so a consumer can wait instead of polling."""
+
+    def emit(self, event: Event) -> None:
+        self.events.put(event)
+        if self.notify is not None:
+            self.notify()
 
     def cancel(self) -> None:
         """Stop decoding it at the next step (a client that went away)."""
@@ -164,7 +172,7 @@ class Scheduler:
                 continue
             if request.cfg.max_new_tokens == 0:
                 request.prompt_tokens = len(encode_prompts(self.lm.tokenizer, [request.prompt])[0])
-                request.events.put(Event("done", finish_reason="length"))
+                request.emit(Event("done", finish_reason="length"))
                 continue
             if not self.batched or request.cfg.mode == "beam":
                 self._run_alone(request)
@@ -176,7 +184,7 @@ class Scheduler:
                 logits = self.decoder.prefill(slot, ids)
             except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
                 self.free.append(slot)
-                request.events.put(Event("error", error=str(exc)))
+                request.emit(Event("error", error=str(exc)))
                 continue
             shaping, sampling = build_processors(request.cfg)
             self.active.append(_Active(
@@ -205,7 +213,7 @@ class Scheduler:
                 self._fail(a, f"decoding failed: {type(exc).__name__}: {exc}")
                 continue
             if finish is not None:
-                req.events.put(Event("done", finish_reason=finish))
+                req.emit(Event("done", finish_reason=finish))
                 self._retire(a, notify=False)
                 continue
             going.append(a)
@@ -231,7 +239,7 @@ class Scheduler:
         text = a.stream.ready(final=finish is not None)
         if finish == "stop":
             if text:
-                req.events.put(Event("token", text=text))
+                req.emit(Event("token", text=text))
             return finish
         event = Event("token", text=text, token_id=token)
         if req.logprobs is not None:
@@ -240,18 +248,18 @@ class Scheduler:
             if req.logprobs:
                 values, ids = torch.topk(logp, req.logprobs)
                 event.top = list(zip(ids.tolist(), values.tolist()))
-        req.events.put(event)
+        req.emit(event)
         a.ids.append(token)
         return finish
 
     def _retire(self, a: _Active, notify: bool = True) -> None:
         self.free.append(a.slot)
         if notify:
-            a.request.events.put(Event("done", finish_reason="cancelled"))
+            a.request.emit(Event("done", finish_reason="cancelled"))
 
     def _fail(self, a: _Active, message: str) -> None:
         self.free.append(a.slot)
-        a.request.events.put(Event("error", error=message))
+        a.request.emit(Event("error", error=message))
 
     def _run_alone(self, request: Request) -> None:
         """A model without the lean step, or beam search: the whole request through ``generate``.
@@ -264,7 +272,7 @@ class Scheduler:
             request.prompt_tokens = len(encode_prompts(self.lm.tokenizer, [request.prompt])[0])
             if request.logprobs is None or cfg.mode == "beam":
                 [sample] = generate(self.lm, [request.prompt], cfg,
-                                    on_text=lambda _row, text: request.events.put(Event("token", text=text)))
+                                    on_text=lambda _row, text: request.emit(Event("token", text=text)))
             else:
                 [sample] = generate(self.lm, [request.prompt], cfg, trace_top=max(1, request.logprobs))
                 stream = _Stream(self.lm.tokenizer, [])
@@ -272,10 +280,10 @@ class Scheduler:
                     stream.push(token)
                     top = [(c["id"], math.log(c["prob"]) if c["prob"] > 0 else -math.inf)
                            for c in step.top[:request.logprobs]] if request.logprobs else None
-                    request.events.put(Event("token", text=stream.ready(final=n == len(sample.token_ids) - 1),
+                    request.emit(Event("token", text=stream.ready(final=n == len(sample.token_ids) - 1),
                                              token_id=token, logprob=math.log(step.chosen_prob)
                                              if step.chosen_prob > 0 else -math.inf, top=top))
             request.completion_tokens = len(sample.token_ids)
-            request.events.put(Event("done", finish_reason="length" if sample.finish_reason == "length" else "stop"))
+            request.emit(Event("done", finish_reason="length" if sample.finish_reason == "length" else "stop"))
         except Exception as exc:  # noqa: BLE001
-            request.events.put(Event("error", error=str(exc)))
+            request.emit(Event("error", error=str(exc)))
