@@ -703,7 +703,7 @@ def measure_llamacpp_tuned_q8_0_b1(s: Settings) -> dict:
         return {"skipped": "llama-cpp-python not installed"}
     from llama_cpp import Llama
 
-    from styletune.export import export
+    from styletune.exporting import export
 
     out = export(str(_tuned_run(s)), str(Path(s.workdir) / "tuned_q8_0"), quant="q8_0", overwrite=True).out
     threads = s.threads or os.cpu_count()

@@ -11,7 +11,7 @@ from .errors import StyletuneError
 __version__ = "0.1.0"
 
 __all__ = ["DataConfig", "DecodingConfig", "TrainConfig", "StyletuneError", "load_model", "generate", "probe",
-           "train", "compare", "evaluate", "__version__"]
+           "train", "compare", "evaluate", "export", "serve", "__version__"]
 
 # Imported lazily, so `import styletune` and `styletune --help` do not import torch.
 _LAZY = {
@@ -21,6 +21,8 @@ _LAZY = {
     "train": ("training", "train"),
     "compare": ("comparison", "compare"),
     "evaluate": ("evaluation", "evaluate"),
+    "export": ("exporting", "export"),
+    "serve": ("server", "serve"),
 }
 
 

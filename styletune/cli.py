@@ -453,7 +453,7 @@ def train(data, config_value, dataset_config, filters, prompts, resume, overwrit
 @click.argument("out", type=click.Path())
 def merge(run, out):
     """Write RUN (base + LoRA adapter, or full weights) as a plain transformers directory OUT."""
-    from .export import merge_run
+    from .exporting import merge_run
 
     path = merge_run(run, out)
     click.echo(f"wrote {path}: AutoModelForCausalLM.from_pretrained({str(path)!r}) loads it")
@@ -473,7 +473,7 @@ def export_command(run, out, fmt, quant, overwrite):
 
     RUN may be runs/NAME, runs/NAME/final or runs/NAME/checkpoints/step-N.
     """
-    from .export import export
+    from .exporting import export
 
     result = export(run, out, format=fmt, quant=quant, overwrite=overwrite)
     click.echo(f"wrote {result.out} from the run's {result.weights}/ weights: {', '.join(result.files)}")

@@ -7,7 +7,8 @@ import sys
 def test_public_functions_are_not_shadowed_by_modules():
     code = (
         "import styletune, styletune.training, styletune.probing, styletune.comparison, styletune.evaluation\n"
-        "for name in ('load_model', 'generate', 'probe', 'train', 'compare', 'evaluate'):\n"
+        "import styletune.exporting, styletune.server\n"
+        "for name in ('load_model', 'generate', 'probe', 'train', 'compare', 'evaluate', 'export', 'serve'):\n"
         "    assert callable(getattr(styletune, name)) and type(getattr(styletune, name)).__name__ == 'function', name\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from styletune.cli import main
 from styletune.config import DataConfig, TrainConfig
 from styletune.errors import StyletuneError
-from styletune.export import _permute, export
+from styletune.exporting import _permute, export
 from styletune.models import load_model
 from styletune.training import train
 

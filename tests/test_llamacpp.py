@@ -27,7 +27,7 @@ def exported(tmp_path_factory):
     import pyjokes
 
     from styletune.config import DataConfig, TrainConfig
-    from styletune.export import export
+    from styletune.exporting import export
     from styletune.training import train
 
     mp = pytest.MonkeyPatch()
