@@ -25,6 +25,7 @@ for ``int8``; see the README's performance section).
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -140,6 +141,7 @@ def can_pack(model) -> bool:
 # model; each entry records the version counters of the weights it was made from, so weights
 # changed in place (an optimizer step, a loaded state dict) are never served stale.
 _DERIVED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_DERIVED_LOCK = threading.Lock()  # the server runs one scheduler thread per model, over one cache
 
 
 def _signature(model) -> tuple:
@@ -147,6 +149,11 @@ def _signature(model) -> tuple:
 
 
 def _weights(model, quantize: str | None, rows: int = 1, pack: bool = True):
+    with _DERIVED_LOCK:
+        return _derived_weights(model, quantize, rows, pack)
+
+
+def _derived_weights(model, quantize: str | None, rows: int, pack: bool):
     """Per-layer projections and the output head: dense views of the model's own tensors,
     MKL-packed copies (fp32 batches of ``PACK_MIN_ROWS`` rows or more, when ``pack``) or
     int8 copies."""
