@@ -193,3 +193,29 @@ def test_finished_rows_leave_the_batch(llama, monkeypatch):
     stopped = generate(llama, PROMPTS, DecodingConfig(greedy=True, max_new_tokens=10, stop_at_eos=False, stop=[stop]))
     assert stopped[0].finish_reason == "stop" and stopped[1].text == full[1].text
     assert sizes[0] == 2 and sizes[-1] == 1 and len(sizes) == 9
+
+
+@pytest.mark.parametrize("quantize,tol", [(None, 1e-5), ("int8", 5e-2), ("int8-dynamic", 5e-2)])
+def test_slots_let_sequences_join_and_leave_between_steps(llama, quantize, tol):
+    """Continuous batching: sequences of different lengths, one joining after three steps and one
+    leaving after four, each decoded at its own positions; every step's logits against transformers'
+    forward over that sequence alone."""
+    dec = fast.SlotLlamaDecoder(llama.model, slots=4, max_len=64, quantize=quantize)
+    seqs = {0: [5, 6, 7], 2: [8, 9, 10, 11, 12, 13]}
+    logits = {s: dec.prefill(s, ids) for s, ids in seqs.items()}
+    for step in range(8):
+        if step == 3:  # a new request arrives
+            seqs[1] = [20, 21]
+            logits[1] = dec.prefill(1, seqs[1])
+        if step == 4:  # a request finishes
+            del seqs[0], logits[0]
+        for s in seqs:
+            with torch.no_grad():
+                ref = llama.model(torch.tensor([seqs[s]])).logits[0, -1]
+            assert (logits[s] - ref).abs().max() <= tol * ref.abs().max(), (step, s)
+        tokens = {s: int(logits[s].argmax()) for s in seqs}
+        out = dec.decode(list(seqs), [tokens[s] for s in seqs])
+        for b, s in enumerate(seqs):
+            seqs[s].append(tokens[s])
+            logits[s] = out[b]
+    assert dec.lengths[2] == 6 + 8 and dec.lengths[1] == 2 + 5
