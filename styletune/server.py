@@ -262,8 +262,8 @@ def create_app(state: ServerState):
             raise ApiError(400, f"the prompt is over {limits.max_prompt_chars} characters", "prompt")
         cfg, n, seed = decoding_from_body(body, limits, 16 if not chat else min(512, limits.max_tokens_cap))
         logprobs = _logprobs_count(body, chat)
-        echo = bool(body.get("echo")) and not chat
-        stream = bool(body.get("stream"))
+        echo = _flag(body, "echo") and not chat
+        stream = _flag(body, "stream")
         if cfg.mode == "beam" and stream:
             raise ApiError(400, "beam search ('num_beams' > 1) cannot stream", "stream")
         tok = served.lm.tokenizer

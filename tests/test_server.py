@@ -272,6 +272,7 @@ def error_of(response) -> dict:
     ({"prompt": "x", "logprobs": 50}, 400, "logprobs"),
     ({"prompt": "x", "stop": [1, 2]}, 400, "stop"),
     ({"prompt": "x", "top_k": 0}, 400, "top_k"),
+    ({"prompt": "x", "stream": "yes"}, 400, "stream"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
     ({"prompt": "word " * 250, "max_tokens": 100}, 400, "max_tokens"),  # over the tiny model's 256 positions
 ])
