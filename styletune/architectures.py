@@ -59,6 +59,13 @@ def architecture_of(model_or_config) -> Architecture | None:
     return ARCHITECTURES.get(getattr(config, "model_type", None))
 
 
+def default_lora_targets(model) -> list[str] | str:
+    """The modules LoRA adapts by default: the architecture's projections, else every linear layer
+    (peft's ``"all-linear"``)."""
+    arch = architecture_of(model)
+    return list(arch.lora_targets) if arch and arch.lora_targets else "all-linear"
+
+
 def exportable() -> list[str]:
     """Model types ``styletune export --format gguf`` supports."""
     return sorted(a.model_type for a in ARCHITECTURES.values() if a.gguf)

@@ -18,6 +18,7 @@ import click
 
 from .config import DEFAULT_MODEL, QUANTIZE_CHOICES, DecodingConfig
 from .errors import StyletuneError
+from .exporting import FORMATS as EXPORT_FORMATS, QUANTS as EXPORT_QUANTS
 
 
 class UserError(click.ClickException):
@@ -462,9 +463,9 @@ def merge(run, out):
 @main.command("export")
 @click.argument("run", type=click.Path())
 @click.argument("out", type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(["gguf", "hf"]), default="gguf", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="gguf", show_default=True,
               help="gguf: one file for llama.cpp / Ollama / LM Studio; hf: a transformers directory.")
-@click.option("--quant", type=click.Choice(["f32", "f16", "q8_0"]), default="q8_0", show_default=True,
+@click.option("--quant", type=click.Choice(EXPORT_QUANTS), default="q8_0", show_default=True,
               help="GGUF tensor type (1-D tensors stay F32): q8_0 is a quarter of F32's size, at a perplexity "
                    "within 1% of F32's.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is not empty.")
@@ -508,13 +509,12 @@ def serve(model, device, dtype, quantize, compare_with, host, port, api_key, max
           timeout, max_model_len):
     """Serve MODEL over an OpenAI-compatible API (/v1/completions, /v1/chat/completions) and a web
     page (/) for writing, comparing and probing."""
-    from .config import check_quantize
     from .server import Limits, serve as run_server
 
     run_server(model, compare_with=compare_with, host=host, port=port, api_key=api_key,
                max_concurrency=max_concurrency,
                limits=Limits(max_tokens_cap=max_tokens_cap, timeout=timeout, max_model_len=max_model_len),
-               device=device, dtype=dtype, quantize=check_quantize(quantize), echo=lambda m: click.echo(m, err=True))
+               device=device, dtype=dtype, quantize=quantize, echo=lambda m: click.echo(m, err=True))
 
 
 # -------------------------------------------------------------------------------------- compare

@@ -318,7 +318,7 @@ def _find_malformed(method: str, path: Path, encoding: str, sep: str) -> str | N
         with open(path, encoding=encoding, newline="") as f:
             if method == "from_csv":
                 reader = csv.reader(f, delimiter=sep, strict=True)
-                width, start = None, 1
+                width = None
                 while True:
                     start = reader.line_num + 1
                     try:

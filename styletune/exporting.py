@@ -192,9 +192,9 @@ def _gpt2_metadata(writer, config) -> None:
     writer.add_layer_norm_eps(config.layer_norm_epsilon)
 
 
-def _pre_tokenizer(tokenizer, base: str) -> str:
+def _pre_tokenizer(spec: dict, base: str) -> str:
     """llama.cpp's name for how text is split before BPE. A base that came from a GGUF file says it
-    itself; otherwise it is read from the tokenizer's own pre-tokenizer."""
+    itself; otherwise it is read from the pre-tokenizer in the tokenizer's JSON ``spec``."""
     from .models import REGISTRY, bundled_gguf
 
     gguf_file = bundled_gguf() if REGISTRY.get(base, {}).get("source") == "bundled" else (
@@ -205,7 +205,7 @@ def _pre_tokenizer(tokenizer, base: str) -> str:
         field = GGUFReader(str(gguf_file)).get_field("tokenizer.ggml.pre")
         if field is not None:
             return field.contents()
-    pre = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    pre = spec.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [p.get("type") for p in parts]
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
@@ -221,7 +221,8 @@ def _tokenizer_metadata(writer, tokenizer, vocab_size: int, base: str) -> None:
     converter writes a byte-level BPE ("gpt2") vocabulary."""
     import gguf
 
-    if json.loads(tokenizer.backend_tokenizer.to_str())["model"]["type"] != "BPE":
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())  # tokenizer.json, as the tokenizers library has it
+    if spec["model"]["type"] != "BPE":
         raise StyletuneError("GGUF export supports byte-level BPE tokenizers (GPT-2, Llama 3, SmolLM); this "
                              "model's tokenizer is not one")
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
@@ -238,10 +239,10 @@ def _tokenizer_metadata(writer, tokenizer, vocab_size: int, base: str) -> None:
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer(tokenizer, base))
+    writer.add_tokenizer_pre(_pre_tokenizer(spec, base))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"].get("merges", [])
+    merges = spec["model"].get("merges", [])
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
     for kind in ("bos", "eos", "unk", "pad"):
         token_id = getattr(tokenizer, f"{kind}_token_id", None)

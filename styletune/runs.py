@@ -21,8 +21,6 @@ from .checkpoints import WEIGHTS_INFO
 from .errors import StyletuneError
 
 RUN_CONFIG = "config.yaml"
-DEFAULT_WEIGHTS = ("best", "final")
-"""The weights ``--model RUN`` means, in order of preference."""
 
 
 def is_weights_dir(path: Path) -> bool:
@@ -56,10 +54,7 @@ def weights_dir(path: Path) -> Path:
     if not is_weights_dir(path / "final"):
         raise StyletuneError(f"{path} is not a complete styletune run (no final/ weights); was training interrupted? "
                              f"resume it with `styletune train --resume --out {path}`")
-    for name in DEFAULT_WEIGHTS:
-        if is_weights_dir(path / name):
-            return path / name
-    raise AssertionError("unreachable: final/ was checked above")  # pragma: no cover
+    return path / "best" if is_weights_dir(path / "best") else path / "final"
 
 
 def read_info(path: Path) -> dict:

@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from .config import DecodingConfig
+from .decoding.engine import encode_prompts
 from .decoding.scheduler import Event, QueueFull, Request, Scheduler
 from .errors import StyletuneError
 
@@ -267,9 +268,9 @@ def create_app(state: ServerState):
         if cfg.mode == "beam" and stream:
             raise ApiError(400, "beam search ('num_beams' > 1) cannot stream", "stream")
         tok = served.lm.tokenizer
-        for p in prompts:
-            length = len(tok(p)["input_ids"]) if p else 1
-            room = served.scheduler.max_len
+        room = served.scheduler.max_len
+        for ids in encode_prompts(tok, prompts):  # as the scheduler will encode them
+            length = len(ids)
             if length + cfg.max_new_tokens > room:
                 raise ApiError(400, f"the prompt has {length} tokens and max_tokens is {cfg.max_new_tokens}: "
                                f"{length + cfg.max_new_tokens} exceeds the {room} positions a sequence may use here "

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from . import checkpoints as ckpt
-from .architectures import architecture_of
+from .architectures import architecture_of, default_lora_targets
 from .config import TrainConfig, parse_duration, save_yaml, train_config_to_dict
 from .errors import StyletuneError
 from .losses import causal_lm_loss
@@ -52,10 +52,7 @@ class TrainResult:
 
 
 def lora_targets(model, cfg: TrainConfig):
-    if cfg.lora_targets:
-        return cfg.lora_targets
-    arch = architecture_of(model)
-    return list(arch.lora_targets) if arch and arch.lora_targets else "all-linear"
+    return cfg.lora_targets or default_lora_targets(model)
 
 
 def layer_stack(model) -> tuple[str, torch.nn.ModuleList]:

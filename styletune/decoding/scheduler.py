@@ -90,7 +90,6 @@ class _Active:
     stream: _Stream
     eos: int | None
     deadline: float | None
-    made: int = 0
 
 
 class Scheduler:
@@ -158,7 +157,7 @@ class Scheduler:
                 self._step()
             except Exception as exc:  # noqa: BLE001 - one bad step must not stop the server
                 for a in self.active:
-                    self._fail(a, f"decoding failed: {type(exc).__name__}: {exc}")
+                    self._retire(a, Event("error", error=f"decoding failed: {type(exc).__name__}: {exc}"))
                 self.active.clear()
                 self.free = list(range(self.max_concurrency))
 
@@ -202,19 +201,18 @@ class Scheduler:
         for a in self.active:
             req = a.request
             if req.cancelled.is_set():
-                self._retire(a)
+                self._retire(a, Event("done", finish_reason="cancelled"))
                 continue
             if a.deadline is not None and now > a.deadline:
-                self._fail(a, f"the request timed out after {req.timeout:g} s")
+                self._retire(a, Event("error", error=f"the request timed out after {req.timeout:g} s"))
                 continue
             try:
                 finish = self._choose(a)
             except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
-                self._fail(a, f"decoding failed: {type(exc).__name__}: {exc}")
+                self._retire(a, Event("error", error=f"decoding failed: {type(exc).__name__}: {exc}"))
                 continue
             if finish is not None:
-                req.emit(Event("done", finish_reason=finish))
-                self._retire(a, notify=False)
+                self._retire(a, Event("done", finish_reason=finish))
                 continue
             going.append(a)
         self.active = going
@@ -232,9 +230,8 @@ class Scheduler:
         token = pick_tokens(req.cfg, a.shaping, a.sampling, seq, a.logits[None], [a.gen])[0]
         # EOS, or the token that completes a stop string, is not part of the output (as in generate).
         finish = "stop" if (a.eos is not None and token == a.eos) or a.stream.push(token) else None
-        a.made += 1
         req.completion_tokens = len(a.stream.ids)
-        if finish is None and a.made >= req.cfg.max_new_tokens:
+        if finish is None and req.completion_tokens >= req.cfg.max_new_tokens:
             finish = "length"
         text = a.stream.ready(final=finish is not None)
         if finish == "stop":
@@ -252,14 +249,10 @@ class Scheduler:
         a.ids.append(token)
         return finish
 
-    def _retire(self, a: _Active, notify: bool = True) -> None:
+    def _retire(self, a: _Active, last: Event) -> None:
+        """Free ``a``'s slot and give its request its last event (``done`` or ``error``)."""
         self.free.append(a.slot)
-        if notify:
-            a.request.emit(Event("done", finish_reason="cancelled"))
-
-    def _fail(self, a: _Active, message: str) -> None:
-        self.free.append(a.slot)
-        a.request.emit(Event("error", error=message))
+        a.request.emit(last)
 
     def _run_alone(self, request: Request) -> None:
         """A model without the lean step, or beam search: the whole request through ``generate``.
