@@ -256,13 +256,12 @@ def measure_plain_loop(s: Settings, lora_dropout: float = 0.05) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from styletune.architectures import architecture_of
+    from styletune.architectures import default_lora_targets
     from styletune.models import cpu_has_bf16
 
     model, tok = load_reference_model(s, torch.float32)
     model.config.use_cache = False
-    arch = architecture_of(model)
-    targets = list(arch.lora_targets) if arch and arch.lora_targets else "all-linear"
+    targets = default_lora_targets(model)
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=lora_dropout, target_modules=targets,
                                              task_type="CAUSAL_LM"))
@@ -464,14 +463,15 @@ def _hf_generate(s: Settings, prompts: list[str]) -> dict:
 
 
 def _styletune_generate(s: Settings, prompts: list[str], quantize: str | None = None, compile: bool = False,
-                        dtype: str = "auto") -> dict:
-    """styletune's ``generate``, greedy, ``stop_at_eos=False`` so every row makes ``new_tokens`` tokens."""
+                        dtype: str = "auto", model: str | None = None) -> dict:
+    """styletune's ``generate``, greedy, ``stop_at_eos=False`` so every row makes ``new_tokens`` tokens,
+    on ``model`` (default: the bench model)."""
     from styletune.config import DecodingConfig
     from styletune.decoding.engine import generate
     from styletune.models import load_model
 
     kw = {"compile": True} if compile else {}  # an older styletune (start-of-run checkout) may lack it
-    lm = load_model(s.styletune_model, device="cpu", dtype=dtype, quantize=quantize, **kw)
+    lm = load_model(model or s.styletune_model, device="cpu", dtype=dtype, quantize=quantize, **kw)
     path = decode_path(lm)
     if compile and path.startswith("styletune.decoding.fast"):  # --compile applies to that step only
         path += ", torch.compile"
@@ -639,11 +639,17 @@ def measure_llamacpp_b1(s: Settings) -> dict:
         return {"skipped": f"no GGUF for --model {s.model}"}
     if importlib.util.find_spec("llama_cpp") is None:
         return {"skipped": "llama-cpp-python not installed"}
+    return _llamacpp_greedy(s, s.gguf, "Q4_1 GGUF")
+
+
+def _llamacpp_greedy(s: Settings, gguf: str, what: str) -> dict:
+    """llama.cpp (llama-cpp-python) greedy on ``PROMPT`` from the GGUF file ``gguf``: one warm-up call,
+    then the best of ``repeats`` calls of ``new_tokens`` tokens."""
     from llama_cpp import Llama
 
     # As many threads as the torch rows use (torch's default is one per core).
     threads = s.threads or os.cpu_count()
-    llm = Llama(model_path=s.gguf, n_threads=threads, n_ctx=512, seed=0, verbose=False)
+    llm = Llama(model_path=gguf, n_threads=threads, n_ctx=512, seed=0, verbose=False)
     eos = llm.token_eos()
 
     def run(n: int):
@@ -657,7 +663,7 @@ def measure_llamacpp_b1(s: Settings) -> dict:
     return {
         "value": made / best, "unit": "tokens/s",
         "timing": f"1 warm-up call ({s.warmup_new_tokens} tokens), best of {s.repeats}",
-        "notes": f"Q4_1 GGUF, n_threads={threads}, {made} tokens, times {fmt_times(times)}", "seconds": best,
+        "notes": f"{what}, n_threads={threads}, {made} tokens, times {fmt_times(times)}", "seconds": best,
         "threads": threads,
     }
 
@@ -680,18 +686,7 @@ def measure_styletune_tuned_b1(s: Settings) -> dict:
     """styletune's own batch-1 greedy decoding of a tuned run (exact fp32, the default)."""
     if s.gguf is None:
         return {"skipped": f"no GGUF export row for --model {s.model}"}
-    from styletune.config import DecodingConfig
-    from styletune.decoding.engine import generate
-    from styletune.models import load_model
-
-    lm = load_model(str(_tuned_run(s)), device="cpu")
-    dec = DecodingConfig(greedy=True, max_new_tokens=s.new_tokens, stop_at_eos=False)
-    generate(lm, [PROMPT], DecodingConfig(greedy=True, max_new_tokens=s.warmup_new_tokens, stop_at_eos=False))
-    best, times = best_of(lambda: generate(lm, [PROMPT], dec), s.repeats)
-    return {"value": s.new_tokens / best, "unit": "tokens/s", "seconds": best,
-            "timing": f"1 warm-up call ({s.warmup_new_tokens} tokens), best of {s.repeats}",
-            "notes": f"{str(lm.dtype).replace('torch.', '')}, the tuned run's best/ weights, decode step: "
-                     f"{decode_path(lm)}, times {fmt_times(times)}"}
+    return _styletune_generate(s, [PROMPT], model=str(_tuned_run(s)))
 
 
 def measure_llamacpp_tuned_q8_0_b1(s: Settings) -> dict:
@@ -701,25 +696,10 @@ def measure_llamacpp_tuned_q8_0_b1(s: Settings) -> dict:
         return {"skipped": f"no GGUF export row for --model {s.model}"}
     if importlib.util.find_spec("llama_cpp") is None:
         return {"skipped": "llama-cpp-python not installed"}
-    from llama_cpp import Llama
-
     from styletune.exporting import export
 
     out = export(str(_tuned_run(s)), str(Path(s.workdir) / "tuned_q8_0"), quant="q8_0", overwrite=True).out
-    threads = s.threads or os.cpu_count()
-    llm = Llama(model_path=str(next(out.glob("*.gguf"))), n_threads=threads, n_ctx=512, seed=0, verbose=False)
-    eos = llm.token_eos()
-
-    def run(n: int):
-        return llm(PROMPT, max_tokens=n, temperature=0.0, top_k=1, logit_bias={eos: -1e9})
-
-    run(s.warmup_new_tokens)
-    holder = {}
-    best, times = best_of(lambda: holder.update(out=run(s.new_tokens)), s.repeats)
-    made = holder["out"]["usage"]["completion_tokens"]
-    return {"value": made / best, "unit": "tokens/s", "seconds": best, "threads": threads,
-            "timing": f"1 warm-up call ({s.warmup_new_tokens} tokens), best of {s.repeats}",
-            "notes": f"exported Q8_0 GGUF of the tuned run, n_threads={threads}, {made} tokens, times {fmt_times(times)}"}
+    return _llamacpp_greedy(s, str(next(out.glob("*.gguf"))), "the tuned run exported as a Q8_0 GGUF")
 
 
 # ---------------------------------------------------------------------------------------------
