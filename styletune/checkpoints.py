@@ -89,6 +89,27 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def optimizer_state(optimizer, model, full: bool = False) -> dict:
+    """The optimizer's state keyed by parameter name (not position), so that a checkpoint resumes
+    whether the model is trained alone, in DDP or sharded (``full``: FSDP, every rank gathers)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True) if full else StateDictOptions()
+    return get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_optimizer(optimizer, model, state: dict, full: bool = False) -> None:
+    """Restore :func:`optimizer_state`'s output (or, from older checkpoints, a plain positional
+    ``optimizer.state_dict()``) into ``optimizer``."""
+    if all(isinstance(k, int) for k in state["state"]):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True) if full else StateDictOptions()
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=options)
+
+
 def _flatten(optimizer_state: dict, rng: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """An optimizer state dict and an RNG state as (named tensors, JSON-able rest)."""
     tensors: dict[str, torch.Tensor] = {}
@@ -110,12 +131,15 @@ def _flatten(optimizer_state: dict, rng: dict) -> tuple[dict[str, torch.Tensor],
 
 def _unflatten(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[int, dict] = {}
+    def param(name: str):  # a parameter's name; a position in checkpoints written before names
+        return int(name) if name.isdigit() else name
+
     for name, value in tensors.items():
         if name.startswith("optimizer."):
-            _, index, key = name.split(".", 2)
-            state.setdefault(int(index), {})[key] = value
+            index, key = name.removeprefix("optimizer.").rsplit(".", 1)
+            state.setdefault(param(index), {})[key] = value
     for index, plain in meta.get("plain_state", {}).items():
-        state.setdefault(int(index), {}).update(plain)
+        state.setdefault(param(index), {}).update(plain)
     groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
     cuda = [tensors[f"rng.cuda.{i}"] for i in range(len([n for n in tensors if n.startswith("rng.cuda.")]))]
     version, internal, gauss = meta["python_rng"]
@@ -123,15 +147,17 @@ def _unflatten(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"optimizer": {"state": state, "param_groups": groups}, "rng": rng}
 
 
-def save_checkpoint(root: Path, step: int, save_weights: Callable[[Path], None], optimizer, state: dict) -> Path:
-    """Weights, optimizer, RNG and loop state for exact resume; ``state`` is JSON-able.
+def save_checkpoint(root: Path, step: int, save_weights: Callable[[Path], None], optimizer: dict,
+                    state: dict) -> Path:
+    """Weights, optimizer state (:func:`optimizer_state`), RNG and loop state for exact resume;
+    ``state`` is JSON-able.
 
     Tensors go to safetensors and everything else to JSON, so loading a checkpoint never
     unpickles anything (a pickle can run arbitrary code, and checkpoints get shared)."""
 
     def fill(tmp: Path) -> None:
         save_weights(tmp)
-        tensors, meta = _flatten(optimizer.state_dict(), rng_state())
+        tensors, meta = _flatten(optimizer, rng_state())
         save_file(tensors, str(tmp / TENSORS_FILE))
         # Written last: a directory with this file has everything.
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "trainer": meta}, indent=1))

@@ -222,6 +222,9 @@ class TrainConfig:
     eval_prompts: list[str] = dataclasses.field(default_factory=list)
     """Prompts completed at each evaluation (default: openings of validation documents)."""
     eval_max_new_tokens: int = 40
+    fsdp: bool = False
+    """Shard the weights, gradients and optimizer over the processes with FSDP2 (``fully_shard``),
+    for a model that does not fit one device; the default with several processes is DDP."""
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"

@@ -125,3 +125,16 @@ def causal_lm_loss(model, input_ids: torch.Tensor, chunked: bool | None = None) 
     d = hidden.shape[-1]
     return chunked_cross_entropy(hidden[:, :-1].reshape(-1, d), inner.get_output_embeddings(),
                                  input_ids[:, 1:].reshape(-1))
+
+
+class LossOf(torch.nn.Module):
+    """``model``'s mean next-token loss as a module: what DDP wraps, so that the forward the loop
+    calls is the wrapper's (which prepares its gradient all-reduce), not the inner model's."""
+
+    def __init__(self, model, chunked: bool | None = None):
+        super().__init__()
+        self.model = model
+        self.chunked = chunked
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return causal_lm_loss(self.model, input_ids, self.chunked)

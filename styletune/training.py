@@ -9,6 +9,7 @@ step, and the whole thing stays readable.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -26,7 +27,7 @@ from . import checkpoints as ckpt
 from .architectures import architecture_of, default_lora_targets
 from .config import TrainConfig, parse_duration, save_yaml, train_config_to_dict
 from .errors import StyletuneError
-from .losses import causal_lm_loss
+from .losses import LossOf, causal_lm_loss
 from .lora import lean_lora
 from .runs import has_run, write_info
 
@@ -140,10 +141,12 @@ def autocast_dtype(cfg: TrainConfig, device: str):
 
 class _StopRequests:
     """Ctrl-C / SIGTERM set a flag; the loop saves at the next step boundary and exits.
-    A second Ctrl-C stops at once."""
+    A second Ctrl-C stops at once, unless ``escalate`` is off: with several processes the
+    launcher passes each signal on to every rank and ends them itself if they take too long."""
 
-    def __init__(self):
+    def __init__(self, escalate: bool = True):
         self.requested: str | None = None
+        self.escalate = escalate
         self._old = {}
 
     def __enter__(self):
@@ -153,7 +156,7 @@ class _StopRequests:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
+        if self.requested and signum == signal.SIGINT and self.escalate:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
 
@@ -162,294 +165,473 @@ class _StopRequests:
             signal.signal(sig, handler)
 
 
+@dataclass
+class LoopState:
+    """What the loop knows between optimizer steps. A checkpoint saves it (as JSON) and --resume
+    restores it; with the step number it is everything needed to continue exactly."""
+
+    step: int = 0
+    total_steps: int = 0
+    global_batch: int = 0
+    """Blocks per optimizer step, all processes together; kept when the process count changes."""
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict) -> "LoopState":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in known})
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n_blocks: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Which blocks each optimizer step trains on, and this process's share of them.
+
+    The blocks form an endless stream, reshuffled every epoch (``n_blocks`` positions), and step
+    ``s`` takes positions ``[s * global_batch, (s + 1) * global_batch)``: every block once per
+    epoch, the same blocks in the same order whatever the number of processes. Rank ``r`` takes
+    the ``r``-th consecutive share of a step, as ``accum`` micro-batches of ``micro`` blocks. A pure
+    function of the step number, so resuming needs no saved data position.
+    """
+
+    n_blocks: int
+    global_batch: int
+    micro: int
+    accum: int
+    rank: int = 0
+    world: int = 1
+    seed: int = 0
+
+    @classmethod
+    def make(cls, n_blocks: int, global_batch: int, batch_size: int, world: int, rank: int,
+             seed: int) -> "StepPlan":
+        """Each rank's share is ``global_batch / world`` blocks, in as few micro-batches of at most
+        ``batch_size`` blocks as divide it evenly (accumulation adapts to the process count)."""
+        if global_batch % world:
+            raise StyletuneError(f"the global batch of {global_batch} blocks per step cannot be split evenly over "
+                                 f"{world} processes; use a process count that divides it")
+        share = global_batch // world
+        accum = next(a for a in range(-(-share // batch_size), share + 1) if share % a == 0)
+        return cls(n_blocks, global_batch, share // accum, accum, rank, world, seed)
+
+    def micro_positions(self, step: int, j: int) -> int:
+        """Stream position of the first block of this rank's micro-batch ``j`` of step ``step``."""
+        return step * self.global_batch + self.rank * self.micro * self.accum + j * self.micro
+
+    def blocks(self, start: int) -> list[int]:
+        """The block indices at stream positions ``start .. start + micro``."""
+        out = []
+        for p in range(start, start + self.micro):
+            epoch, i = divmod(p, self.n_blocks)
+            out.append(int(_epoch_order(self.n_blocks, self.seed, epoch)[i]))
+        return out
+
+    def steps_for_epochs(self, epochs: float) -> int:
+        return max(1, math.ceil(epochs * self.n_blocks / self.global_batch))
+
+    def describe(self) -> str:
+        procs = f"{self.world} processes x " if self.world > 1 else ""
+        accum = f"{self.accum} micro-batches of {self.micro}" if self.accum > 1 else f"micro-batches of {self.micro}"
+        return f"global batch {self.global_batch} blocks ({procs}{accum})"
+
+
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, echo: Echo | None = None,
           progress: bool = False, on_step: Callable[[int, object], None] | None = None) -> TrainResult:
     """Fine-tune ``config.model`` on ``config.data`` and write the run to ``config.out``.
+
+    Under torchrun or ``accelerate launch`` (or ``styletune train --devices N``) every process calls
+    this; they share the work (see :mod:`styletune.distributed`) and rank 0 writes the run.
 
     Args:
         config: every option (see :class:`~styletune.config.TrainConfig`).
         resume: continue from the newest complete checkpoint in ``config.out``.
         overwrite: replace a run already in ``config.out``.
-        echo: where to send human-readable progress lines (default: nowhere).
-        progress: show a progress bar on stderr.
+        echo: where to send human-readable progress lines (default: nowhere; rank 0 only).
+        progress: show a progress bar on stderr (rank 0 only).
         on_step: called as ``on_step(step, model)`` after each optimizer step (for callers' own
             logging, and for tests that interrupt a run at a chosen step).
     """
-    from .data import format_summary, prepare_data
-    from .models import context_length, load_plain, pick_device, prepare_tokenizer, resolve
+    from .distributed import Processes, fsdp_from_environment
+    from .models import pick_device
 
     cfg = config.validate()
-    echo = echo or (lambda _msg: None)
-    out = Path(cfg.out)
-    resume_from = None
-    if has_run(out):
-        if resume:
-            resume_from = ckpt.newest_checkpoint(out)
-            if resume_from is None:
-                raise StyletuneError(f"{out} has no complete checkpoint to resume from; use --overwrite to start over")
-            saved, saved_tensors = ckpt.load_checkpoint(resume_from)  # a damaged one fails here, before any work
-        elif not overwrite:
-            raise StyletuneError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    elif resume:
-        raise StyletuneError(f"nothing to resume: {out} holds no run")
+    procs = Processes.start(pick_device(cfg.device))
+    fsdp = cfg.fsdp or fsdp_from_environment()
+    quiet = (lambda _msg: None)
+    try:
+        run = _Run(cfg, procs, fsdp, resume, overwrite, (echo or quiet) if procs.main else quiet)
+        result = run.loop(progress and procs.main, on_step)
+        procs.barrier()  # the run directory is complete when train() returns, on every rank
+        return result
+    finally:
+        procs.close()
 
-    # ---- model and data (nothing is written until both are known to be good)
-    device = pick_device(cfg.device)
-    amp_dtype = autocast_dtype(cfg, device)
-    source = resolve(cfg.model)
-    if source.kind == "run":
-        raise StyletuneError(f"--model {cfg.model} is a styletune run; train from its base model, "
-                             "or continue the run with --resume")
-    model, tokenizer = load_plain(source, torch.float32)
-    tokenizer = prepare_tokenizer(tokenizer)
-    if tokenizer.eos_token_id is None:
-        raise StyletuneError(f"the tokenizer of {cfg.model} has no end-of-text token to separate documents")
-    data = prepare_data(cfg.data, tokenizer, seed=cfg.seed, max_block_size=context_length(model.config))
-    data.summary["cache_key"] = data.cache_key
-    echo(format_summary(data.summary))
 
-    if overwrite and not resume and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    # Base model recorded as an absolute path when it is one, so the run loads from anywhere.
-    base_name = str(Path(cfg.model).resolve()) if source.kind in ("dir", "gguf") else cfg.model
-    if not resume_from:
-        save_yaml(out / "config.yaml", train_config_to_dict(cfg))
-        (out / "data_summary.json").write_text(json.dumps(data.summary, indent=1, default=str))
+class _Run:
+    """One training run: its pieces (model, optimizer, data, plan, state) and the three things the
+    loop does with them, :meth:`step`, :meth:`evaluate` and :meth:`save`. The loop itself is
+    :meth:`loop`, top to bottom. ``procs`` is the distributed layer: where this process trains
+    alone it does nothing."""
 
-    if resume_from and cfg.method == "full":
-        # Full fine-tuning: the checkpoint holds the whole model.
-        from transformers import AutoModelForCausalLM
+    def __init__(self, cfg: TrainConfig, procs, fsdp: bool, resume: bool, overwrite: bool, echo: Echo):
+        from .data import format_summary, prepare_data
+        from .models import context_length, load_plain, prepare_tokenizer, resolve
 
-        model = AutoModelForCausalLM.from_pretrained(resume_from, dtype=torch.float32, use_safetensors=True)
-    # Seeds LoRA's initialisation and dropout; a resumed run restores the RNG from its checkpoint.
-    torch.manual_seed(cfg.seed)
-    layers = top_layers(model, cfg.train_layers)
-    if cfg.method == "lora":
-        from peft import LoraConfig, get_peft_model
+        self.cfg, self.procs, self.fsdp, self.echo = cfg, procs, fsdp, echo
+        self.out = out = Path(cfg.out)
+        resume_from = None
+        if has_run(out):
+            if resume:
+                resume_from = ckpt.newest_checkpoint(out)
+                if resume_from is None:
+                    raise StyletuneError(f"{out} has no complete checkpoint to resume from; use --overwrite to start over")
+                saved, saved_tensors = ckpt.load_checkpoint(resume_from)  # a damaged one fails here, before any work
+            elif not overwrite:
+                raise StyletuneError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+        elif resume:
+            raise StyletuneError(f"nothing to resume: {out} holds no run")
+        procs.barrier()  # every rank has looked at the run directory before rank 0 changes it
 
-        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=lora_targets(model, cfg), task_type="CAUSAL_LM",
-                          layers_to_transform=layers,
-                          layers_pattern=layer_stack(model)[0].rsplit(".", 1)[-1] if layers else None)
-        with warnings_quiet():
-            model = get_peft_model(model, lcfg)
+        # ---- model and data (nothing is written until both are known to be good)
+        self.device = device = procs.device
+        self.amp_dtype = autocast_dtype(cfg, device)
+        source = resolve(cfg.model)
+        if source.kind == "run":
+            raise StyletuneError(f"--model {cfg.model} is a styletune run; train from its base model, "
+                                 "or continue the run with --resume")
+        model, tokenizer = load_plain(source, torch.float32)
+        self.tokenizer = tokenizer = prepare_tokenizer(tokenizer)
+        if tokenizer.eos_token_id is None:
+            raise StyletuneError(f"the tokenizer of {cfg.model} has no end-of-text token to separate documents")
+        # Rank 0 tokenises and packs into the cache; the others then find it there.
+        if not procs.main:
+            procs.barrier()
+        self.data = data = prepare_data(cfg.data, tokenizer, seed=cfg.seed, max_block_size=context_length(model.config))
+        if procs.main:
+            procs.barrier()
+        data.summary["cache_key"] = data.cache_key
+        echo(format_summary(data.summary))
+
+        if procs.main:
+            if overwrite and not resume and out.exists():
+                shutil.rmtree(out)
+            out.mkdir(parents=True, exist_ok=True)
+        # Base model recorded as an absolute path when it is one, so the run loads from anywhere.
+        self.base_name = str(Path(cfg.model).resolve()) if source.kind in ("dir", "gguf") else cfg.model
+        if procs.main and not resume_from:
+            save_yaml(out / "config.yaml", train_config_to_dict(cfg))
+            (out / "data_summary.json").write_text(json.dumps(data.summary, indent=1, default=str))
+
+        if resume_from and cfg.method == "full":
+            # Full fine-tuning: the checkpoint holds the whole model.
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(resume_from, dtype=torch.float32, use_safetensors=True)
+        # Seeds LoRA's initialisation (the same on every rank); dropout is seeded per micro-batch.
+        torch.manual_seed(cfg.seed)
+        layers = top_layers(model, cfg.train_layers)
+        if cfg.method == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                              target_modules=lora_targets(model, cfg), task_type="CAUSAL_LM",
+                              layers_to_transform=layers,
+                              layers_pattern=layer_stack(model)[0].rsplit(".", 1)[-1] if layers else None)
+            with warnings_quiet():
+                model = get_peft_model(model, lcfg)
+            if resume_from:
+                from peft import set_peft_model_state_dict
+                from safetensors.torch import load_file
+
+                set_peft_model_state_dict(model, load_file(resume_from / "adapter_model.safetensors"))
+            lean_lora(model)
+        elif layers is not None:
+            freeze_below(model, layers)
+        model.to(device)
+        model.config.use_cache = False
+        self.model = model
+
+        # The base model's validation loss, the baseline the curve starts from (step 0); measured before
+        # the layers are compiled or sharded, since evaluation always runs eagerly.
+        self.loss_of, self.compiled = LossOf(model), []
+        self.baseline = None if resume_from else self.evaluate()
+        self.compiled = compile_layers(model) if cfg.compile else []
+        self.wrapped = procs.wrap(model, layer_stack(model)[1], fsdp)
+        if fsdp:
+            self.loss_of = self.wrapped  # the sharded model answers only through its own forward
+
+        # AdamW with weight decay on matrices only (not on norms and biases), as nanoGPT does.
+        self.params = params = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=(0.9, 0.95), fused=device.startswith("cuda"))
+
+        # ---- how many steps, and each step's blocks
+        n_blocks = len(data.train)
         if resume_from:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
+            self.state = state = LoopState.from_checkpoint(saved)
+            if not state.global_batch:  # a checkpoint from before multi-process training
+                state.global_batch = cfg.batch_size * cfg.grad_accum
+            self.plan = StepPlan.make(n_blocks, state.global_batch, cfg.batch_size, procs.world, procs.rank, cfg.seed)
+            ckpt.load_optimizer(self.optimizer, model, saved_tensors["optimizer"], full=fsdp)
+            ckpt.set_rng_state(saved_tensors["rng"])
+            total = state.total_steps
+            if cfg.max_steps and cfg.max_steps != total and cfg.max_steps > state.step:
+                echo(f"note: steps 1-{state.step} followed a learning-rate schedule planned for {total} steps and the "
+                     f"rest follows one planned for {cfg.max_steps}, so the losses will differ from those of a run "
+                     f"planned for {cfg.max_steps} steps from the start")
+                state.total_steps = cfg.max_steps
+            if procs.main:
+                _truncate_metrics(out / "metrics.jsonl", state.step)
+            echo(f"resuming {out} at step {state.step} of {state.total_steps}")
+        else:
+            global_batch = cfg.batch_size * cfg.grad_accum * procs.world
+            self.plan = StepPlan.make(n_blocks, global_batch, cfg.batch_size, procs.world, procs.rank, cfg.seed)
+            self.state = state = LoopState(global_batch=global_batch)
+            state.total_steps = plan_steps(cfg, self.plan, lambda: self._falling_back(lambda: self._micro_step(0, 0)),
+                                           self.wrapped, echo, procs)
+        # About ten evaluations over the run whatever its length, unless --eval-every says otherwise.
+        self.eval_every = cfg.eval_every or max(1, round(state.total_steps / 10))
+        self.prompts = cfg.eval_prompts or default_prompts(data, tokenizer)
+        which = (f" (top {cfg.train_layers} layers)" if cfg.train_layers else "") + (", compiled" if self.compiled else "")
+        where = f"{procs.world} processes on {device.split(':')[0]}" if procs.world > 1 else device
+        echo(f"training {cfg.method}{which} on {where}{', FSDP' if fsdp else ''}"
+             f"{' with bf16 autocast' if self.amp_dtype else ''}: {state.total_steps} steps, "
+             f"{n_blocks} blocks of {data.block_size} tokens, {self.plan.describe()}, "
+             f"{self.plan.global_batch * data.block_size} tokens/step")
 
-            set_peft_model_state_dict(model, load_file(resume_from / "adapter_model.safetensors"))
-        lean_lora(model)
-    elif layers is not None:
-        freeze_below(model, layers)
-    model.to(device)
-    model.config.use_cache = False
+    # ---- one optimizer step
 
-    # AdamW with weight decay on matrices only (not on norms and biases), as nanoGPT does.
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=(0.9, 0.95), fused=device.startswith("cuda"))
+    def _micro_step(self, step: int, j: int) -> tuple[float, int]:
+        """Forward and backward of this rank's micro-batch ``j`` of step ``step`` (its share of the
+        step's gradient): (its loss, its tokens). LoRA's dropout is seeded by the micro-batch's
+        place in the stream, so its masks do not depend on how many processes share the step."""
+        plan = self.plan
+        start = plan.micro_positions(step, j)
+        batch = self.data.train[plan.blocks(start)]["input_ids"].to(self.device)  # (micro, T)
+        torch.manual_seed(self.cfg.seed * 1_000_003 + start)
+        last = j == plan.accum - 1
+        # DDP all-reduces the gradient in the last micro-batch's backward only.
+        sync = self.wrapped.no_sync() if hasattr(self.wrapped, "no_sync") and not last else contextlib.nullcontext()
+        with sync:
+            with torch.autocast(device_type=self.device.split(":")[0], dtype=self.amp_dtype,
+                                enabled=self.amp_dtype is not None):
+                loss = self.wrapped(batch)
+            (loss / plan.accum).backward()
+        return loss.item(), batch.numel()
 
-    train_blocks = data.train
-    n_blocks = len(train_blocks)
-    micro_per_epoch = math.ceil(n_blocks / cfg.batch_size)
-
-    @functools.lru_cache(maxsize=2)
-    def epoch_order(epoch: int) -> torch.Tensor:
-        return torch.randperm(n_blocks, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-
-    def micro_batch(m: int) -> torch.Tensor:
-        """Micro-batch number ``m`` of an endless, per-epoch reshuffled stream: (B, T).
-        A pure function of m, so resuming at a step needs no saved data position."""
-        epoch, i = divmod(m, micro_per_epoch)
-        idx = epoch_order(epoch)[i * cfg.batch_size:(i + 1) * cfg.batch_size].tolist()
-        return train_blocks[idx]["input_ids"].to(device)
-
-    # The base model's validation loss, the baseline the curve starts from (step 0); measured before
-    # the layers are compiled, since evaluation always runs eagerly.
-    baseline = None if resume_from else evaluate_loss(model, data.val, cfg.batch_size, device, amp_dtype)
-    compiled = compile_layers(model) if cfg.compile else []
-
-    def loss_backward(batch: torch.Tensor) -> float:
-        """Forward and backward of one micro-batch (its share of the step's gradient); its loss."""
-        with torch.autocast(device_type=device.split(":")[0], dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = causal_lm_loss(model, batch)
-        (loss / cfg.grad_accum).backward()
-        return loss.item()
-
-    def falling_back(work: Callable[[], object]):
+    def _falling_back(self, work: Callable[[], object]):
         """``work()``: forward and backward passes. If a compiled layer fails in either (no C++
         compiler, an operation inductor cannot lower; a backward is compiled at its first call),
-        training goes on eagerly: the failed attempt's gradients and random draws are undone and
-        ``work`` runs again."""
-        if not compiled:
+        training goes on eagerly: the failed attempt's gradients are undone and ``work`` runs again."""
+        if not self.compiled:
             return work()
-        rng = ckpt.rng_state()
         try:
             return work()
         except Exception as exc:  # noqa: BLE001 - a compiler failure means: train eagerly
-            echo(f"warning: torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                 "training without it")
-            uncompile_layers(compiled)
-            model.zero_grad(set_to_none=True)
-            ckpt.set_rng_state(rng)
+            self.echo(f"warning: torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                      "training without it")
+            uncompile_layers(self.compiled)
+            self.model.zero_grad(set_to_none=True)
             return work()
 
-    def step_grads(step: int) -> tuple[float, int]:
-        """The gradient of optimizer step ``step`` (0-based) over its micro-batches: (summed loss, tokens)."""
-        loss_sum, tokens = 0.0, 0
-        for micro in range(cfg.grad_accum):
-            batch = micro_batch(step * cfg.grad_accum + micro)
-            loss_sum += loss_backward(batch)
-            tokens += batch.numel()
-        return loss_sum, tokens
+    def step(self) -> tuple[float, int, float]:
+        """Optimizer step ``state.step + 1``: (its loss over every process, this rank's tokens, lr).
+        Stops with an error, on every rank together, before a non-finite weight can be saved."""
+        cfg, state = self.cfg, self.state
+        lr = lr_at(state.step, state.total_steps, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
-    def eager():
+        def grads():
+            loss_sum, tokens = 0.0, 0
+            for j in range(self.plan.accum):
+                loss, n = self._micro_step(state.step, j)
+                loss_sum, tokens = loss_sum + loss, tokens + n
+            return loss_sum, tokens
+
+        loss_sum, tokens = self._falling_back(grads)
+        loss_sum, all_tokens = self.procs.sum(loss_sum, tokens)
+        loss = loss_sum / (self.plan.accum * self.procs.world)
+        if not math.isfinite(loss):
+            # Stop before the optimizer step, so no non-finite weight is ever written.
+            raise StyletuneError(f"the loss became {loss} at step {state.step + 1}; stopped without "
+                                 "saving these weights (try a lower --lr)")
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.tokens_seen += int(all_tokens)
+        # A finite loss can still take a step that overflows (a learning rate far too high).
+        local_bad = not all(torch.isfinite(norm).all() for norm in torch._foreach_norm(
+            [p.to_local() if hasattr(p, "to_local") else p for p in self.params]))
+        if self.procs.any(local_bad):
+            raise StyletuneError(f"the weights became non-finite at step {state.step}; stopped without saving "
+                                 "them (try a lower --lr)")
+        return loss, int(all_tokens), lr
+
+    # ---- evaluation
+
+    def evaluate(self) -> float | None:
+        """Mean next-token loss over every validation token, the ranks sharing the blocks (under
+        FSDP each rank goes through all of them: a sharded forward needs every rank in step)."""
+        val = self.data.val
+        if val is None or len(val) == 0:
+            return None
+        share = range(len(val)) if self.fsdp else range(self.procs.rank, len(val), self.procs.world)
+        with self._eager():
+            loss_sum, tokens = _loss_sums(self.loss_of, [val[i]["input_ids"] for i in share], self.cfg.batch_size,
+                                          self.device, self.amp_dtype)
+        self.model.train()
+        if not self.fsdp:
+            loss_sum, tokens = self.procs.sum(loss_sum, tokens)
+        return loss_sum / tokens if tokens else None
+
+    def _eager(self):
         """Evaluation and sampling run eagerly: their shapes change, and compiling them would not pay."""
-        return torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()
+        return torch.compiler.set_stance("force_eager") if self.compiled else contextlib.nullcontext()
 
-    # ---- how many steps
-    state = {"tokens_seen": 0, "elapsed_s": 0.0, "best_val_loss": None, "best_step": None, "evals_since_best": 0}
-    start_step = 0
-    if resume_from:
-        optimizer.load_state_dict(saved_tensors["optimizer"])
-        ckpt.set_rng_state(saved_tensors["rng"])
-        start_step, total = saved["step"], saved["total_steps"]
-        state.update({k: saved[k] for k in state if k in saved})
-        if cfg.max_steps and cfg.max_steps != total and cfg.max_steps > start_step:
-            echo(f"note: steps 1-{start_step} followed a learning-rate schedule planned for {total} steps and the "
-                 f"rest follows one planned for {cfg.max_steps}, so the losses will differ from those of a run "
-                 f"planned for {cfg.max_steps} steps from the start")
-            total = cfg.max_steps
-        _truncate_metrics(out / "metrics.jsonl", start_step)
-        echo(f"resuming {out} at step {start_step} of {total}")
-    else:
-        total = plan_steps(cfg, micro_per_epoch, lambda: falling_back(lambda: loss_backward(micro_batch(0))),
-                           model, echo)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * data.block_size
-    # About ten evaluations over the run whatever its length, unless --eval-every says otherwise.
-    eval_every = cfg.eval_every or max(1, round(total / 10))
-    which = (f" (top {cfg.train_layers} layers)" if cfg.train_layers else "") + (", compiled" if compiled else "")
-    echo(f"training {cfg.method}{which} on {device}{' with bf16 autocast' if amp_dtype else ''}: {total} steps, "
-         f"{n_blocks} blocks of {data.block_size} tokens, ~{tokens_per_step} tokens/step")
+    def samples(self) -> list[dict] | None:
+        """The fixed prompts completed (rank 0; not under FSDP, whose weights are in pieces)."""
+        if not self.procs.main or self.fsdp:
+            return None
+        with self._eager():
+            samples = sample_prompts(self.model, self.tokenizer, self.prompts, self.cfg, self.device)
+        self.model.train()
+        return samples
 
-    prompts = cfg.eval_prompts or default_prompts(data, tokenizer)
+    # ---- saving (rank 0 writes; under FSDP every rank first helps gather the full weights)
 
-    def save_weights(path: Path) -> None:
-        for p in params:
-            if not torch.isfinite(p).all():
-                raise StyletuneError(f"the weights became non-finite at step {step}; refusing to save them")
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        write_info(path, base_name, cfg.method, step)
+    def _full_weights(self) -> dict | None:
+        if not self.fsdp:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    def checkpoint() -> None:
-        with _disk_errors(out):
-            ckpt.save_checkpoint(out, step, save_weights, optimizer,
-                                 {**state, "total_steps": total, "block_size": data.block_size})
-            ckpt.prune_checkpoints(out, cfg.keep_checkpoints)
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-    def keep(name: str) -> None:
+    def _save_weights(self, path: Path, weights: dict | None) -> None:
+        if weights is None:
+            for p in self.params:
+                if not torch.isfinite(p).all():
+                    raise StyletuneError(f"the weights became non-finite at step {self.state.step}; "
+                                         "refusing to save them")
+        self.model.save_pretrained(path, state_dict=weights) if weights is not None else self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        write_info(path, self.base_name, self.cfg.method, self.state.step)
+
+    def save(self) -> None:
+        """A resumable checkpoint of the current step (weights, optimizer, loop state)."""
+        weights = self._full_weights()
+        optimizer = ckpt.optimizer_state(self.optimizer, self.model, full=self.fsdp)
+        if self.procs.main:
+            with _disk_errors(self.out):
+                ckpt.save_checkpoint(self.out, self.state.step, lambda p: self._save_weights(p, weights), optimizer,
+                                     {**dataclasses.asdict(self.state), "block_size": self.data.block_size,
+                                      "processes": self.procs.world})
+                ckpt.prune_checkpoints(self.out, self.cfg.keep_checkpoints)
+
+    def keep(self, name: str) -> None:
         """``best/`` or ``final/``, replaced only once the new one is complete."""
-        with _disk_errors(out):
-            ckpt.write_atomically(out / name, save_weights)
+        weights = self._full_weights()
+        if self.procs.main:
+            with _disk_errors(self.out):
+                ckpt.write_atomically(self.out / name, lambda p: self._save_weights(p, weights))
 
     # ---- the loop
-    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
-    bar = _progress(total, start_step, progress)
-    result = TrainResult(out=out, steps=start_step, total_steps=total, tokens_seen=state["tokens_seen"],
-                         elapsed_s=state["elapsed_s"], summary=data.summary)
-    step = start_step
-    last_val = None
-    t_start = time.perf_counter() - state["elapsed_s"]
-    try:
-        with _StopRequests() as stop:
-            if baseline is not None:
-                _write_metric(metrics, {"step": 0, "val_loss": round(baseline, 6),
-                                        "val_ppl": round(math.exp(baseline), 4)})
-                echo(f"step 0/{total}: val loss {baseline:.4f} (ppl {math.exp(baseline):.2f}) before training")
-            model.train()
-            while step < total:
-                t0 = time.perf_counter()
-                lr = lr_at(step, total, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss_sum, step_tokens = falling_back(lambda: step_grads(step))
-                state["tokens_seen"] += step_tokens
-                loss_value = loss_sum / cfg.grad_accum
-                if not math.isfinite(loss_value):
-                    # Stop before the optimizer step, so no non-finite weight is ever written.
-                    raise StyletuneError(f"the loss became {loss_value} at step {step + 1}; stopped without "
-                                         "saving these weights (try a lower --lr)")
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                if not all(torch.isfinite(norm) for norm in torch._foreach_norm(params)):
-                    # A finite loss can still take a step that overflows (a learning rate far too high).
-                    raise StyletuneError(f"the weights became non-finite at step {step}; stopped without saving "
-                                         "them (try a lower --lr)")
-                dt = time.perf_counter() - t0
-                state["elapsed_s"] = time.perf_counter() - t_start
-                record = {"step": step, "loss": round(loss_value, 6), "lr": lr, "tokens_seen": state["tokens_seen"],
-                          "elapsed_s": round(state["elapsed_s"], 3), "tokens_per_s": round(step_tokens / dt, 1)}
-                _write_metric(metrics, record)
-                result.train_loss = loss_value
-                if on_step:
-                    on_step(step, model)
-                last = step == total
-                if step % eval_every == 0 or last:
-                    with eager():
-                        val = evaluate_loss(model, data.val, cfg.batch_size, device, amp_dtype)
-                    model.train()
-                    if val is not None:
-                        last_val = val
-                        better = state["best_val_loss"] is None or val < state["best_val_loss"]
-                        if better:
-                            state["best_val_loss"], state["best_step"], state["evals_since_best"] = val, step, 0
-                            keep("best")
-                        else:
-                            state["evals_since_best"] += 1
-                        _write_metric(metrics, {"step": step, "val_loss": round(val, 6), "val_ppl": round(math.exp(val), 4)})
-                    with eager():
-                        samples = sample_prompts(model, tokenizer, prompts, cfg, device)
-                    model.train()
-                    _log_samples(out, step, samples)
-                    echo(f"step {step}/{total}: loss {loss_value:.4f}"
-                         + (f", val loss {val:.4f} (ppl {math.exp(val):.2f})" if val is not None else ""))
-                    plot_losses(out)
-                    if cfg.patience and state["evals_since_best"] >= cfg.patience:
-                        echo(f"early stop: no better validation loss in {cfg.patience} evaluations")
-                        result.stopped_early = True
-                if step % cfg.save_every == 0 or last or result.stopped_early or stop.requested:
-                    checkpoint()
-                bar.update(1)
-                bar.set_postfix_str(f"loss {loss_value:.3f}" + (f" val {last_val:.3f}" if last_val else "")
-                                    + f" {step_tokens / dt:.0f} tok/s")
-                if stop.requested:
-                    echo(f"{stop.requested}: saved a checkpoint at step {step}; continue with --resume")
-                    result.interrupted = True
-                    break
-                if result.stopped_early:
-                    break
-    finally:
-        bar.close()
-        metrics.close()
 
-    result.steps, result.total_steps = step, total
-    result.tokens_seen, result.elapsed_s = state["tokens_seen"], state["elapsed_s"]
-    result.best_val_loss, result.best_step = state["best_val_loss"], state["best_step"]
-    if last_val is not None:
-        result.val_loss, result.val_ppl = last_val, math.exp(last_val)
-    if not result.interrupted:
-        keep("final")
-        plot_losses(out)
-        from .report import write_model_card
+    def loop(self, progress: bool, on_step) -> TrainResult:
+        cfg, state, out, echo, procs = self.cfg, self.state, self.out, self.echo, self.procs
+        total = state.total_steps
+        main = procs.main
+        metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if main else None
+        bar = _progress(total, state.step, progress)
+        result = TrainResult(out=out, steps=state.step, total_steps=total, tokens_seen=state.tokens_seen,
+                             elapsed_s=state.elapsed_s, summary=self.data.summary)
+        last_val = None
+        t_start = time.perf_counter() - state.elapsed_s
+        try:
+            with _StopRequests(escalate=procs.world == 1) as stop:
+                if self.baseline is not None:
+                    _write_metric(metrics, {"step": 0, "val_loss": round(self.baseline, 6),
+                                            "val_ppl": round(math.exp(self.baseline), 4)})
+                    echo(f"step 0/{total}: val loss {self.baseline:.4f} (ppl {math.exp(self.baseline):.2f}) "
+                         "before training")
+                self.wrapped.train()
+                while state.step < total:
+                    t0 = time.perf_counter()
+                    loss, step_tokens, lr = self.step()
+                    step = state.step
+                    dt = time.perf_counter() - t0
+                    state.elapsed_s = time.perf_counter() - t_start
+                    _write_metric(metrics, {"step": step, "loss": round(loss, 6), "lr": lr,
+                                            "tokens_seen": state.tokens_seen, "elapsed_s": round(state.elapsed_s, 3),
+                                            "tokens_per_s": round(step_tokens / dt, 1)})
+                    result.train_loss = loss
+                    if on_step:
+                        on_step(step, self.model)
+                    last = step == total
+                    if step % self.eval_every == 0 or last:
+                        val = self.evaluate()
+                        if val is not None:
+                            last_val = val
+                            if state.best_val_loss is None or val < state.best_val_loss:
+                                state.best_val_loss, state.best_step, state.evals_since_best = val, step, 0
+                                self.keep("best")
+                            else:
+                                state.evals_since_best += 1
+                            _write_metric(metrics, {"step": step, "val_loss": round(val, 6),
+                                                    "val_ppl": round(math.exp(val), 4)})
+                        samples = self.samples()
+                        if main:
+                            if samples is not None:
+                                _log_samples(out, step, samples)
+                            plot_losses(out)
+                        echo(f"step {step}/{total}: loss {loss:.4f}"
+                             + (f", val loss {val:.4f} (ppl {math.exp(val):.2f})" if val is not None else ""))
+                        if cfg.patience and state.evals_since_best >= cfg.patience:
+                            echo(f"early stop: no better validation loss in {cfg.patience} evaluations")
+                            result.stopped_early = True
+                    # Every rank stops at the same step: a signal may reach them at different moments.
+                    stopping = procs.any(stop.requested is not None)
+                    if step % cfg.save_every == 0 or last or result.stopped_early or stopping:
+                        self.save()
+                    bar.update(1)
+                    bar.set_postfix_str(f"loss {loss:.3f}" + (f" val {last_val:.3f}" if last_val else "")
+                                        + f" {step_tokens / dt:.0f} tok/s")
+                    if stopping:
+                        echo(f"{stop.requested or 'stop requested'}: saved a checkpoint at step {step}; "
+                             "continue with --resume")
+                        result.interrupted = True
+                        break
+                    if result.stopped_early:
+                        break
+        finally:
+            bar.close()
+            if metrics:
+                metrics.close()
 
-        write_model_card(out, cfg, result, base_name)
-    return result
+        result.steps, result.total_steps = state.step, total
+        result.tokens_seen, result.elapsed_s = state.tokens_seen, state.elapsed_s
+        result.best_val_loss, result.best_step = state.best_val_loss, state.best_step
+        if last_val is not None:
+            result.val_loss, result.val_ppl = last_val, math.exp(last_val)
+        if not result.interrupted:
+            self.keep("final")
+            if main:
+                plot_losses(out)
+                from .report import write_model_card
+
+                write_model_card(out, cfg, result, self.base_name)
+        return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,18 +658,19 @@ def warnings_quiet():
         yield
 
 
-def plan_steps(cfg: TrainConfig, micro_per_epoch: int, one_pass: Callable[[], object], model, echo: Echo) -> int:
+def plan_steps(cfg: TrainConfig, plan: StepPlan, one_pass: Callable[[], object], model, echo: Echo,
+               procs=None) -> int:
     """Total optimizer steps from --max-steps, --epochs and --time-budget (the smallest wins).
 
     For a time budget, ``one_pass`` (a micro-batch's forward and backward) is timed twice (the
-    first warms up, the second is measured); gradients and the RNG are restored afterwards, so
-    planning does not change what training does.
+    first warms up, the second is measured; with several processes, the slowest one's); gradients
+    and the RNG are restored afterwards, so planning does not change what training does.
     """
     candidates = []
     if cfg.max_steps:
         candidates.append(cfg.max_steps)
     if cfg.epochs:
-        candidates.append(max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum)))
+        candidates.append(plan.steps_for_epochs(cfg.epochs))
     if cfg.time_budget:
         budget = parse_duration(cfg.time_budget)
         rng = ckpt.rng_state()
@@ -499,13 +682,13 @@ def plan_steps(cfg: TrainConfig, micro_per_epoch: int, one_pass: Callable[[], ob
             timings.append(time.perf_counter() - t0)
         model.zero_grad(set_to_none=True)
         ckpt.set_rng_state(rng)
-        per_step = timings[-1] * cfg.grad_accum
+        per_step = (procs.max(timings[-1]) if procs else timings[-1]) * plan.accum
         # Keep ~15% of the budget for evaluations, samples and checkpoints.
         steps = max(1, int(0.85 * budget / per_step))
         echo(f"time budget {cfg.time_budget}: {per_step:.2f} s/step measured -> {steps} steps")
         candidates.append(steps)
     if not candidates:
-        candidates.append(max(1, math.ceil(micro_per_epoch / cfg.grad_accum)))  # one epoch
+        candidates.append(plan.steps_for_epochs(1))  # one epoch
     return min(candidates)
 
 
@@ -514,25 +697,32 @@ def evaluate_loss(model, blocks, batch_size: int, device: str, amp_dtype) -> flo
     """Mean next-token loss over every validation token (blocks may differ in length)."""
     if blocks is None or len(blocks) == 0:
         return None
-    model.eval()
+    loss_sum, tokens = _loss_sums(LossOf(model), [blocks[i]["input_ids"] for i in range(len(blocks))], batch_size,
+                                  device, amp_dtype)
+    return loss_sum / tokens if tokens else None
+
+
+@torch.no_grad()
+def _loss_sums(loss_of, rows: list[torch.Tensor], batch_size: int, device: str, amp_dtype) -> tuple[float, int]:
+    """(summed next-token loss, predicted tokens) over ``rows``, in batches of consecutive rows of
+    one length (only the last block of a set may be shorter)."""
+    loss_of.eval()
     total_loss, total_tokens = 0.0, 0
-    rows = [blocks[i]["input_ids"] for i in range(len(blocks))]
     i = 0
     while i < len(rows):
-        # Group consecutive blocks of one length (only the last block may be shorter).
         j = i
         while j < len(rows) and j - i < batch_size and len(rows[j]) == len(rows[i]):
             j += 1
-        batch = torch.stack(rows[i:j]).to(device)
+        batch = torch.stack(rows[i:j]).to(device)  # (B, T)
         i = j
         if batch.shape[1] < 2:
             continue
         with torch.autocast(device_type=device.split(":")[0], dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = causal_lm_loss(model, batch).float()
+            loss = loss_of(batch).float()
         n = batch.shape[0] * (batch.shape[1] - 1)
         total_loss += loss.item() * n
         total_tokens += n
-    return total_loss / total_tokens if total_tokens else None
+    return total_loss, total_tokens
 
 
 def default_prompts(data, tokenizer, n: int = 2) -> list[str]:

@@ -261,7 +261,7 @@ def test_early_stopping(tmp_path, tiny_model_dirs, corpus, monkeypatch):
     import styletune.training as T
 
     worse = iter([1.0, 2.0, 3.0, 4.0, 5.0])
-    monkeypatch.setattr(T, "evaluate_loss", lambda *a, **k: next(worse))
+    monkeypatch.setattr(T._Run, "evaluate", lambda self: next(worse))
     cfg = config(tmp_path, tiny_model_dirs["llama"], corpus, eval_every=1, max_steps=10, patience=2)
     result = train(cfg)
     assert result.stopped_early and result.steps == 3 and result.best_step == 1
