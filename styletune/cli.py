@@ -33,12 +33,23 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except StyletuneError as exc:
-            raise UserError(str(exc)) from None
+            from .distributed import rank_prefix
+
+            raise UserError(rank_prefix() + str(exc)) from None
         except click.UsageError as exc:  # a bad flag or value: one line too, pointing at --help
             if isinstance(exc, click.exceptions.NoArgsIsHelpError):
                 raise
             where = exc.ctx.command_path if exc.ctx else ctx.command_path
             raise UserError(f"{exc.format_message().rstrip('.')} (see `{where} --help`)") from None
+        except Exception as exc:
+            # One of several training processes whose collective failed because another one stopped:
+            # that process reports its own error; this one says only why it stopped too.
+            from .distributed import launched, peer_failure, rank_prefix
+
+            if launched() and peer_failure(exc):
+                click.echo(f"{rank_prefix()}stopped: another process of this run failed", err=True)
+                sys.exit(1)
+            raise
 
 
 @click.group(cls=Group)
@@ -354,7 +365,8 @@ def write(model, device, dtype, quantize, compile_step, **kwargs):
 # unset (None) keep the value from --config / the resumed run / the defaults.
 TRAIN_OPTIONS = ("model", "out", "method", "batch_size", "grad_accum", "lr", "epochs", "max_steps", "time_budget",
                  "eval_every", "save_every", "keep_checkpoints", "seed", "device", "dtype", "lora_r", "lora_alpha",
-                 "lora_dropout", "train_layers", "compile", "patience", "weight_decay", "warmup_fraction", "eval_max_new_tokens")
+                 "lora_dropout", "train_layers", "compile", "patience", "weight_decay", "warmup_fraction", "eval_max_new_tokens",
+                 "fsdp")
 DATA_OPTIONS = ("column", "field", "split", "val_fraction", "val", "block_size", "glob", "encoding", "ascii_only",
                 "strip_gutenberg", "dedupe", "normalize")
 
@@ -404,9 +416,13 @@ DATA_OPTIONS = ("column", "field", "split", "val_fraction", "val", "block_size",
 @click.option("--seed", type=int, help="Seed for the split, data order and dropout [default: 0].")
 @click.option("--device", help="auto, cpu, cuda or mps [default: auto].")
 @click.option("--dtype", help="Autocast dtype: auto, float32 or bfloat16 [default: auto].")
+@click.option("--devices", type=int, help="Train in N processes, started through torchrun: N GPUs, or N CPU "
+              "processes; the global batch is --batch-size x --grad-accum x N [default: 1].")
+@click.option("--fsdp/--no-fsdp", default=None, help="With several processes, shard weights, gradients and "
+              "optimizer state with FSDP2 instead of replicating them (DDP) [default: off].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its newest complete checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
-def train(data, config_value, dataset_config, filters, prompts, resume, overwrite, **options):
+def train(data, config_value, dataset_config, filters, prompts, resume, overwrite, devices, **options):
     """Fine-tune a model on DATA (files, folders, datasets directories or hub dataset names).
 
     Writes config.yaml, metrics.jsonl, loss.png, samples.jsonl, README.md, checkpoints
@@ -438,8 +454,12 @@ def train(data, config_value, dataset_config, filters, prompts, resume, overwrit
         cfg.eval_prompts = list(prompts)
     if not cfg.data.sources:
         raise UserError("no training data: pass files, folders or a dataset name")
+    if devices is not None and devices != 1:
+        sys.exit(_launch(cfg, devices, resume, overwrite))
     result = run_train(cfg, resume=resume, overwrite=overwrite, echo=lambda m: click.echo(m, err=True),
                        progress=sys.stderr.isatty())
+    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 speaks for the run
+        sys.exit(130 if result.interrupted else 0)
     if result.interrupted:
         click.echo(f"interrupted at step {result.steps}/{result.total_steps}; "
                    f"continue with: styletune train --resume --out {cfg.out}", err=True)
@@ -447,6 +467,23 @@ def train(data, config_value, dataset_config, filters, prompts, resume, overwrit
     val = f", validation loss {result.val_loss:.4f} (perplexity {result.val_ppl:.2f})" if result.val_loss else ""
     click.echo(f"trained {result.steps} steps in {result.elapsed_s:.0f} s{val}; "
                f"use it with: styletune generate --model {cfg.out}")
+
+
+def _launch(cfg, devices: int, resume: bool, overwrite: bool) -> int:
+    """``--devices N``: the resolved options to N processes through torchrun; their exit status."""
+    from .distributed import check_devices, launch, relaunch_config
+    from .models import pick_device
+    from .training import check_run_dir
+
+    # What can be refused before any process starts is refused once, here.
+    check_devices(devices, pick_device(cfg.device))
+    cfg.validate()
+    check_run_dir(Path(cfg.out), resume, overwrite)
+    path = relaunch_config(cfg)
+    try:
+        return launch(devices, ["--config", path] + ["--resume"] * resume + ["--overwrite"] * overwrite)
+    finally:
+        os.unlink(path)
 
 
 @main.command()

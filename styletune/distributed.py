@@ -212,6 +212,8 @@ def check_devices(n: int, device: str) -> None:
         raise StyletuneError(f"--devices must be >= 1, got {n}")
     if device.startswith("cuda") and torch.cuda.is_available() and n > torch.cuda.device_count():
         raise StyletuneError(f"--devices {n}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if n > 1 and device == "mps":
+        raise StyletuneError("--devices: several processes on Apple MPS are not supported; use one")
     if launched():
         raise StyletuneError("--devices is for starting the processes; this process was already started by "
                              "torchrun or accelerate launch")

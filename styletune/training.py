@@ -243,6 +243,21 @@ class StepPlan:
         return f"global batch {self.global_batch} blocks ({procs}{accum})"
 
 
+def check_run_dir(out: Path, resume: bool, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from (None: a new run), or the error for what ``out`` holds."""
+    if has_run(out):
+        if resume:
+            resume_from = ckpt.newest_checkpoint(out)
+            if resume_from is None:
+                raise StyletuneError(f"{out} has no complete checkpoint to resume from; use --overwrite to start over")
+            return resume_from
+        if not overwrite:
+            raise StyletuneError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    elif resume:
+        raise StyletuneError(f"nothing to resume: {out} holds no run")
+    return None
+
+
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, echo: Echo | None = None,
           progress: bool = False, on_step: Callable[[int, object], None] | None = None) -> TrainResult:
     """Fine-tune ``config.model`` on ``config.data`` and write the run to ``config.out``.
@@ -264,7 +279,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 
     cfg = config.validate()
     procs = Processes.start(pick_device(cfg.device))
-    fsdp = cfg.fsdp or fsdp_from_environment()
+    fsdp = (cfg.fsdp or fsdp_from_environment()) and procs.world > 1  # one process has nothing to shard over
     quiet = (lambda _msg: None)
     try:
         run = _Run(cfg, procs, fsdp, resume, overwrite, (echo or quiet) if procs.main else quiet)
@@ -287,17 +302,9 @@ class _Run:
 
         self.cfg, self.procs, self.fsdp, self.echo = cfg, procs, fsdp, echo
         self.out = out = Path(cfg.out)
-        resume_from = None
-        if has_run(out):
-            if resume:
-                resume_from = ckpt.newest_checkpoint(out)
-                if resume_from is None:
-                    raise StyletuneError(f"{out} has no complete checkpoint to resume from; use --overwrite to start over")
-                saved, saved_tensors = ckpt.load_checkpoint(resume_from)  # a damaged one fails here, before any work
-            elif not overwrite:
-                raise StyletuneError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-        elif resume:
-            raise StyletuneError(f"nothing to resume: {out} holds no run")
+        resume_from = check_run_dir(out, resume, overwrite)
+        if resume_from:
+            saved, saved_tensors = ckpt.load_checkpoint(resume_from)  # a damaged one fails here, before any work
         procs.barrier()  # every rank has looked at the run directory before rank 0 changes it
 
         # ---- model and data (nothing is written until both are known to be good)
@@ -763,6 +770,8 @@ def sample_prompts(model, tokenizer, prompts: list[str], cfg: TrainConfig, devic
 
 
 def _write_metric(fh, record: dict) -> None:
+    if fh is None:  # a rank other than 0: it writes nothing
+        return
     fh.write(json.dumps(record) + "\n")
     fh.flush()
 
