@@ -180,15 +180,22 @@ def _kw(cfg) -> dict:
                 lora_dropout=cfg.lora_dropout)
 
 
-def test_devices_2_and_fsdp_through_the_cli(tmp_path, train_model_dirs, corpus):  # noqa: F811
+def test_devices_2_fsdp_and_accelerate_launch(tmp_path, train_model_dirs, corpus):  # noqa: F811
     kw = dict(batch_size=2, max_steps=6, eval_every=3, save_every=3, lr=1e-2, lora_dropout=0.0)
     one = config(tmp_path / "one", train_model_dirs["llama"], corpus, grad_accum=2, **kw)
     train(one)
-    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+    styletune = [sys.executable, "-m", "styletune", "train"]
+    # accelerate launch with the FSDP config the README gives GPU users, for 2 processes here.
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                  str(Path(__file__).parents[1] / "docs/accelerate-fsdp.yaml"), "--num_processes", "2",
+                  "-m", "styletune", "train"]
+    for name, before, after, fsdp in (("ddp", styletune, ["--devices", "2"], False),
+                                      ("fsdp", styletune, ["--devices", "2", "--fsdp"], True),
+                                      ("accelerate-fsdp", accelerate, [], True)):
         cfg = config(tmp_path / name, train_model_dirs["llama"], corpus, **kw)
-        out = run([sys.executable, "-m", "styletune", "train", *cli_args(cfg), "--devices", "2", *extra], tmp_path)
+        out = run([*before, *cli_args(cfg), *after], tmp_path)
         assert out.returncode == 0, out.stderr[-3000:]
-        assert "2 processes on cpu" + (", FSDP" if extra else "") in out.stderr
+        assert "2 processes on cpu" + (", FSDP" if fsdp else "") in out.stderr
         assert "global batch 4 blocks (2 processes x micro-batches of 2)" in out.stderr
         assert out.stdout.count("trained 6 steps") == 1  # rank 0 speaks for the run
         assert "Traceback" not in out.stderr and "OMP_NUM_THREADS" not in out.stderr
