@@ -51,6 +51,9 @@ class Processes:
     world: int = 1
     local_rank: int = 0
     device: str = "cpu"
+    owns_group: bool = False
+    """Whether :meth:`start` created the process group (and :meth:`close` ends it): a caller that
+    made its own keeps it."""
 
     @property
     def main(self) -> bool:
@@ -70,9 +73,10 @@ class Processes:
         if device.startswith("cuda"):
             torch.cuda.set_device(local_rank)
             device = f"cuda:{local_rank}"
-        if not dist.is_initialized():
+        owns = not dist.is_initialized()
+        if owns:
             dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        return cls(rank=rank, world=world, local_rank=local_rank, device=device)
+        return cls(rank=rank, world=world, local_rank=local_rank, device=device, owns_group=owns)
 
     def _all_reduce(self, values: Sequence[float], op) -> list[float]:
         import torch.distributed as dist
@@ -133,7 +137,7 @@ class Processes:
         return DistributedDataParallel(LossOf(model), device_ids=ids)
 
     def close(self) -> None:
-        if self.world > 1:
+        if self.owns_group:
             import torch.distributed as dist
 
             if dist.is_initialized():
