@@ -1,6 +1,6 @@
 """Benchmark styletune against plain references, on this machine, in one run.
 
-    .venv/bin/python bench/run.py [--quick] [--only train|generate|dtype|serve] [--model smollm2-135m|gpt2-random]
+    .venv/bin/python bench/run.py [--quick] [--only train|generate|dtype|serve|data] [--model smollm2-135m|gpt2-random]
 
 The CPUs these runs share are noisy (other work runs beside them), so no number
 here means much on its own: every styletune figure is printed as a RATIO against a
@@ -1040,6 +1040,145 @@ def measure_train_compute_floor(s: Settings, rank: int = 16, chunk: int = 512) -
 
 
 # ---------------------------------------------------------------------------------------------
+# Data preparation: peak memory against corpus size
+
+
+DATA_CHARS_1X = 5_000_000  # characters of text in the 1x corpus; 10x and 100x are 10 and 100 times that
+DATA_CHARS_1X_QUICK = 40_000
+DATA_DOC_CHARS = 5_000  # about this many characters per document (2,000 with --quick)
+_DATA_WORDS = (
+    "the a of and to in is was it for on with as his her they at by this had not but from or have an which "
+    "one were all we when there been if more so said what up out about who would their has some time could "
+    "into only then other than its over also new after first two like just where most know down little old "
+    "light house river garden morning letter winter window silence music stone road night voice paper "
+    "quietly suddenly never always almost already perhaps certainly slowly gently bright dark cold warm"
+).split()
+
+
+def write_data_corpus(path: Path, chars: int, doc_chars: int, seed: int = 0) -> dict:
+    """A JSONL file (field ``text``) of distinct documents, about ``chars`` characters in all.
+
+    Written one document at a time, so writing it costs no memory: each document is
+    "Document N." followed by sentences drawn (seeded) from a fixed pool, so every one
+    is different and de-duplication keeps them all.
+    """
+    import random
+
+    rng = random.Random(seed)
+    pool = []
+    for _ in range(4000):
+        words = rng.choices(_DATA_WORDS, k=rng.randint(6, 18))
+        pool.append(" ".join(words).capitalize() + rng.choice(".!?."))
+    per_doc = max(1, doc_chars // (sum(map(len, pool)) // len(pool) + 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    docs = written = 0
+    with open(path, "w", encoding="utf-8") as fh:
+        while written < chars:
+            text = f"Document {docs}. " + " ".join(rng.choices(pool, k=per_doc))
+            fh.write(json.dumps({"text": text}) + "\n")
+            docs += 1
+            written += len(text)
+    return {"docs": docs, "chars": written, "bytes": path.stat().st_size}
+
+
+class _RssSampler:
+    """The largest anonymous and file-backed resident memory of this process (``RssAnon`` and
+    ``RssFile`` in /proc/self/status), sampled every 10 ms by a thread while it runs.
+
+    ``ru_maxrss`` counts both.  The file-backed part is memory-mapped files' pages (the Arrow
+    files ``datasets`` maps): page cache the kernel can drop at any time, unlike the anonymous
+    part, which is what a process really needs.
+    """
+
+    def __init__(self):
+        import threading
+
+        self.peak = {"RssAnon": 0.0, "RssFile": 0.0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def now(self) -> dict:
+        out = {}
+        try:
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    key, _, value = line.partition(":")
+                    if key in self.peak:
+                        out[key] = int(value.split()[0]) / 1024
+        except OSError:  # not Linux
+            pass
+        return out
+
+    def _run(self):
+        while not self._stop.is_set():
+            for key, value in self.now().items():
+                self.peak[key] = max(self.peak[key], value)
+            self._stop.wait(0.01)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def _measure_data_prep(s: Settings, scale: int) -> dict:
+    """``styletune.data.prepare_data`` on a synthetic JSONL corpus ``scale`` times the 1x size,
+    with the bundled model's tokenizer, into a fresh cache.  The figure is the peak anonymous
+    RSS while it ran (see ``_RssSampler``); the peak RSS column is ``ru_maxrss`` as for every row."""
+    from transformers import AutoTokenizer
+
+    from styletune.config import DataConfig
+    from styletune.data import prepare_data
+    from styletune.models import _quiet_transformers, prepare_tokenizer
+
+    _quiet_transformers()
+    work = Path(s.workdir) / f"data-{scale}x"
+    shutil.rmtree(work, ignore_errors=True)
+    chars = (DATA_CHARS_1X_QUICK if s.quick else DATA_CHARS_1X) * scale
+    corpus = write_data_corpus(work / "corpus.jsonl", chars, 2_000 if s.quick else DATA_DOC_CHARS)
+    # datasets' Arrow copy of the JSONL goes to styletune's cache: keep it in the workdir, deleted below.
+    os.environ["STYLETUNE_CACHE"] = str(work / "cache")
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(s.model_dir))
+    before = peak_rss_mb()
+    cfg = DataConfig(sources=[str(work / "corpus.jsonl")], block_size=s.block_size)
+    with _RssSampler() as rss:
+        anon_before = rss.now().get("RssAnon", 0.0)
+        t0 = time.perf_counter()
+        data = prepare_data(cfg, tokenizer, seed=0, cache_dir=work / "cache" / "data")
+        seconds = time.perf_counter() - t0
+    summary = data.summary
+    del data
+    peak = peak_rss_mb()
+    shutil.rmtree(work, ignore_errors=True)
+    tokens = summary["tokens"]
+    anon, file = rss.peak["RssAnon"], rss.peak["RssFile"]
+    return {"value": anon, "unit": "MB peak anon RSS", "timing": "1 run into a fresh cache",
+            "notes": (f"{corpus['bytes'] / 1e6:.1f} MB JSONL, {summary['records']:,} docs, "
+                      f"{summary['characters']:,} chars, {tokens:,} tokens in {seconds:.1f} s "
+                      f"({tokens / seconds:,.0f} tokens/s); anon RSS {anon_before:.0f} MB before prepare_data, "
+                      f"peak {anon:.0f} MB during it; peak file-backed RSS {file:.0f} MB; ru_maxrss "
+                      f"{before:.0f} MB before, {peak:.0f} MB after"),
+            "seconds": seconds, "characters": summary["characters"], "tokens": tokens,
+            "tokens_per_s": tokens / seconds, "docs": summary["records"], "peak_rss_before_mb": before,
+            "peak_anon_rss_mb": anon, "anon_rss_before_mb": anon_before, "peak_file_rss_mb": file}
+
+
+def measure_data_rss_1x(s: Settings) -> dict:
+    return _measure_data_prep(s, 1)
+
+
+def measure_data_rss_10x(s: Settings) -> dict:
+    return _measure_data_prep(s, 10)
+
+
+def measure_data_rss_100x(s: Settings) -> dict:
+    return _measure_data_prep(s, 100)
+
+
+# ---------------------------------------------------------------------------------------------
 # The registry: name -> (group, role, function), in the order they run
 
 
@@ -1083,6 +1222,9 @@ MEASUREMENTS = {
     "styletune_generate_b1_bf16": ("dtype", "styletune", measure_styletune_generate_b1_bf16),
     "styletune_generate_b8_fp32": ("dtype", "styletune", measure_styletune_generate_b8_fp32),
     "styletune_generate_b8_bf16": ("dtype", "styletune", measure_styletune_generate_b8_bf16),
+    "data_rss_1x": ("data", "styletune", measure_data_rss_1x),
+    "data_rss_10x": ("data", "styletune", measure_data_rss_10x),
+    "data_rss_100x": ("data", "styletune", measure_data_rss_100x),
 }
 
 # (label, styletune row, reference row, how to read it).  Every ratio is "> 1: styletune faster":
@@ -1147,6 +1289,10 @@ RATIOS = [
      "batch-1 greedy tokens/s, bf16 weights vs fp32"),
     ("decode b8: bf16 / fp32", "styletune_generate_b8_bf16", "styletune_generate_b8_fp32",
      "8 prompts at once, bf16 weights vs fp32"),
+    ("data prep peak anon RSS: 10x / 1x", "data_rss_10x", "data_rss_1x",
+     "peak anonymous memory of the prepare_data child, 10x larger corpus (~1: flat; 10 would be linear)"),
+    ("data prep peak anon RSS: 100x / 1x", "data_rss_100x", "data_rss_1x",
+     "peak anonymous memory of the prepare_data child, 100x larger corpus (~1: flat; 100 would be linear)"),
 ]
 
 
@@ -1467,8 +1613,9 @@ def parent_main(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: a ~3 minute check that every row works")
-    p.add_argument("--only", choices=["train", "generate", "dtype", "serve"],
-                   help="run only the training, the generation, the fp32-vs-bf16 or the serving rows")
+    p.add_argument("--only", choices=["train", "generate", "dtype", "serve", "data"],
+                   help="run only the training, the generation, the fp32-vs-bf16, the serving or the "
+                        "data-preparation memory rows")
     p.add_argument("--rows", help="run only these measurements (comma-separated names, as in the report)")
     p.add_argument("--model", choices=["smollm2-135m", "gpt2-random"], default="smollm2-135m")
     p.add_argument("--rounds", type=int, default=1,

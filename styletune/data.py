@@ -1,18 +1,22 @@
 """Training data: read sources -> clean -> split by document -> tokenize -> pack.
 
-The pipeline, one function per stage so each can be tested on its own:
+The pipeline, one function per stage so each can be tested on its own.  Every stage
+streams, so peak memory does not grow with the size of the corpus:
 
-* :func:`read_texts` turns the sources the user named (text files, folders, CSV/TSV,
-  JSON/JSONL, Parquet, a ``datasets`` directory, a hub dataset name) into a list of
-  raw document strings.
-* :func:`clean_texts` applies the cleaning options of :class:`DataConfig` and drops
-  empty and duplicate documents.
-* :func:`split_documents` holds out whole documents for validation, so that no
-  validation text is ever seen, even in part, during training.
-* :func:`prepare_data` tokenises every document, joins them with the EOS token and
-  cuts the stream into fixed-size blocks (no padding anywhere).  The blocks are
-  written once as Arrow files under a cache directory and memory-mapped from there,
-  so a corpus larger than RAM still trains and a second run skips tokenisation.
+* :func:`iter_texts` yields the raw document strings of the sources the user named
+  (text files, folders, CSV/TSV, JSON/JSONL, Parquet, a ``datasets`` directory, a hub
+  dataset name) one at a time: a folder's files one by one, a table's rows batch by
+  batch from its memory-mapped Arrow data.
+* :func:`iter_clean` applies the cleaning options of :class:`DataConfig` to each text
+  and drops empty and duplicate documents (remembering a fixed-size digest per
+  document, not the document).
+* :func:`prepare_data` writes the cleaned documents once to an Arrow file, then works
+  from that memory-mapped file: :func:`split_indices` holds out whole documents for
+  validation (so no validation text is ever seen, even in part, during training),
+  and the documents are tokenised, joined with the EOS token and cut into
+  fixed-size blocks (no padding anywhere).  The blocks are written once as Arrow
+  files under a cache directory and memory-mapped from there, so a corpus larger
+  than RAM still trains and a second run skips tokenisation.
 
 Every problem the user can fix is raised as :class:`DataError` (a
 :class:`StyletuneError`) with a one-line message.
@@ -35,7 +39,7 @@ import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from .config import DataConfig
 from .models import cache_root
@@ -76,33 +80,50 @@ class DataError(StyletuneError):
 # --------------------------------------------------------------------------- reading
 
 
-def read_texts(cfg: DataConfig, sources: list[str] | None = None) -> tuple[list[str], dict]:
-    """Read every source into a list of raw document texts.
+def new_read_stats() -> dict:
+    """The stats :func:`iter_texts` fills in: ``{"records", "empty_dropped", "filtered_out", "skipped_files"}``."""
+    return {"records": 0, "empty_dropped": 0, "filtered_out": 0, "skipped_files": []}
 
-    ``sources`` defaults to ``cfg.sources``.  Returns the texts and the stats
-    ``{"records", "empty_dropped", "filtered_out", "skipped_files"}``: records kept,
-    empty/missing texts dropped, rows removed by ``cfg.filter``, and the
-    ``(path, reason)`` of every file of a folder skipped as not text.
+
+def iter_texts(cfg: DataConfig, sources: list[str] | None = None, stats: dict | None = None) -> Iterator[str]:
+    """Yield the raw document texts of every source, one at a time.
+
+    ``sources`` defaults to ``cfg.sources``.  Nothing is held beyond the current text
+    (a folder's files are read one by one, a table's rows batch by batch from its
+    memory-mapped Arrow data).  ``stats`` (see :func:`new_read_stats`) is filled in as
+    the texts go by: records yielded, empty/missing texts dropped, rows removed by
+    ``cfg.filter``, and the ``(path, reason)`` of every file of a folder skipped as not
+    text.  When the sources hold no text at all, the generator raises :class:`DataError`
+    once it reaches their end.
     """
     sources = list(cfg.sources if sources is None else sources)
+    if stats is None:
+        stats = new_read_stats()
+    else:
+        for key, value in new_read_stats().items():
+            stats.setdefault(key, value)
     if not sources:
         raise DataError("no training data given: name at least one file, folder or dataset")
     _check_encoding(cfg.encoding)
     filters = _parse_filters(cfg.filter)
 
-    stats: dict[str, Any] = {"records": 0, "empty_dropped": 0, "filtered_out": 0, "skipped_files": []}
-    texts: list[str] = []
     for source in sources:
         for value in _read_source(str(source), cfg, filters, stats):
             if _is_blank(value):
                 stats["empty_dropped"] += 1
             else:
-                texts.append(value if isinstance(value, str) else str(value))
-    stats["records"] = len(texts)
+                stats["records"] += 1
+                yield value if isinstance(value, str) else str(value)
 
-    if not texts:
+    if not stats["records"]:
         raise DataError(f"no text found in {', '.join(map(str, sources))}: {_nothing_read_details(stats)}")
-    return texts, stats
+
+
+def read_texts(cfg: DataConfig, sources: list[str] | None = None) -> tuple[list[str], dict]:
+    """``(list(iter_texts(...)), stats)``: every raw text in a list, for small inputs only
+    (``styletune evaluate --data FILE``); :func:`prepare_data` streams instead."""
+    stats = new_read_stats()
+    return list(iter_texts(cfg, sources, stats)), stats
 
 
 def _nothing_read_details(stats: dict) -> str:
@@ -145,36 +166,41 @@ def _parse_filters(specs: list[str]) -> list[tuple[str, str]]:
     return filters
 
 
-def _read_source(source: str, cfg: DataConfig, filters: list[tuple[str, str]], stats: dict) -> list:
-    """The raw text values (possibly None/NaN) of one source, dispatched on its kind."""
+def _read_source(source: str, cfg: DataConfig, filters: list[tuple[str, str]], stats: dict) -> Iterator:
+    """The raw text values (possibly None/NaN) of one source, one at a time, dispatched on its kind."""
     path = Path(source).expanduser()
     column = cfg.column or cfg.field or "text"  # --field is the JSON spelling of --column
     if path.is_dir():
         if _is_saved_dataset(path):
-            return _table_texts(_load_saved_dataset(path, cfg.split), source, column, "column", filters, stats)
-        return _read_folder(path, cfg, filters, stats)
+            yield from _table_texts(_load_saved_dataset(path, cfg.split), source, column, "column", filters, stats)
+        else:
+            yield from _read_folder(path, cfg, filters, stats)
+        return
 
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in (".csv", ".tsv"):
             ds = _load_csv(path, source, cfg.encoding, sep="\t" if suffix == ".tsv" else ",")
-            return _table_texts(ds, source, column, "column", filters, stats)
-        if suffix in (".json", ".jsonl"):
+            yield from _table_texts(ds, source, column, "column", filters, stats)
+        elif suffix in (".json", ".jsonl"):
             ds = _load_json(path, source, cfg.encoding)
-            return _table_texts(ds, source, cfg.field or cfg.column or "text", "field", filters, stats)
-        if suffix == ".parquet":
+            yield from _table_texts(ds, source, cfg.field or cfg.column or "text", "field", filters, stats)
+        elif suffix == ".parquet":
             ds = _load_with_datasets("from_parquet", path, source)
-            return _table_texts(ds, source, column, "column", filters, stats)
-        # .txt/.md/.text, and any other extension: the whole file is one document.
-        _refuse_filters_on_text(filters, source)
-        try:
-            return [_decode_file(path, cfg.encoding)]
-        except _NotText as e:
-            raise DataError(f"{source} {e.explanation}") from None
+            yield from _table_texts(ds, source, column, "column", filters, stats)
+        else:
+            # .txt/.md/.text, and any other extension: the whole file is one document.
+            _refuse_filters_on_text(filters, source)
+            try:
+                text = _decode_file(path, cfg.encoding)
+            except _NotText as e:
+                raise DataError(f"{source} {e.explanation}") from None
+            yield text
+        return
 
     if _looks_like_path(source):
         raise DataError(f"no such file or directory: {source}")
-    return _table_texts(_load_hub_dataset(source, cfg), source, column, "column", filters, stats)
+    yield from _table_texts(_load_hub_dataset(source, cfg), source, column, "column", filters, stats)
 
 
 def _looks_like_path(source: str) -> bool:
@@ -240,8 +266,8 @@ def _encoding_hint(encoding: str) -> str:
     return "pass --encoding latin-1 if that is its encoding"
 
 
-def _read_folder(folder: Path, cfg: DataConfig, filters: list[tuple[str, str]], stats: dict) -> list[str]:
-    """Each text file under ``folder`` matching ``cfg.glob`` is one document.
+def _read_folder(folder: Path, cfg: DataConfig, filters: list[tuple[str, str]], stats: dict) -> Iterator[str]:
+    """Each text file under ``folder`` matching ``cfg.glob`` is one document, read when it is reached.
 
     Files that are not text are skipped with a warning and recorded in
     ``stats["skipped_files"]``: a folder of someone's writing often holds the odd
@@ -251,14 +277,14 @@ def _read_folder(folder: Path, cfg: DataConfig, filters: list[tuple[str, str]], 
     files = _folder_files(folder, cfg.glob)
     if not files:
         raise DataError(f"no files match --glob '{cfg.glob}' in {folder}")
-    texts = []
     for file in files:
         try:
-            texts.append(_decode_file(file, cfg.encoding))
+            text = _decode_file(file, cfg.encoding)
         except _NotText as e:
-            warnings.warn(f"skipping {file}: {e.reason}", stacklevel=4)  # point at the caller of read_texts
+            warnings.warn(f"skipping {file}: {e.reason}", stacklevel=2)
             stats["skipped_files"].append((str(file), e.reason))
-    return texts
+            continue
+        yield text
 
 
 def _folder_files(folder: Path, pattern: str) -> list[Path]:
@@ -475,11 +501,12 @@ def _load_hub_dataset(name: str, cfg: DataConfig) -> "datasets.Dataset":
 
 
 def _table_texts(ds: "datasets.Dataset", where: str, column: str, kind: str,
-                 filters: list[tuple[str, str]], stats: dict) -> list:
-    """The values of ``column`` in the rows of ``ds`` that pass every filter.
+                 filters: list[tuple[str, str]], stats: dict) -> Iterator:
+    """The values of ``column`` in the rows of ``ds`` that pass every filter, one at a time.
 
-    Reads in batches of only the needed columns; nothing is written next to the
-    user's data (unlike ``Dataset.filter``, which writes an indices file).
+    Reads the memory-mapped table in batches of only the needed columns, so one batch
+    is in memory at a time; nothing is written next to the user's data (unlike
+    ``Dataset.filter``, which writes an indices file).
     """
     columns = list(ds.column_names)
     listing = f"{kind}s are: {', '.join(columns)}"
@@ -490,14 +517,12 @@ def _table_texts(ds: "datasets.Dataset", where: str, column: str, kind: str,
         raise DataError(f"{kind} '{column}' not found in {where}; {listing}")
 
     needed = list(dict.fromkeys([column] + [col for col, _ in filters]))
-    values = []
     for batch in ds.select_columns(needed).iter(batch_size=_READ_BATCH):
         for i, value in enumerate(batch[column]):
             if all(str(batch[col][i]) == want for col, want in filters):
-                values.append(value)
+                yield value
             else:
                 stats["filtered_out"] += 1
-    return values
 
 
 def _first_line(error: BaseException) -> str:
@@ -514,28 +539,45 @@ _SPACES = re.compile(r"[^\S\n]+")  # any whitespace except newline
 _BLANK_LINES = re.compile(r"\n{3,}")
 
 
-def clean_texts(texts: list[str], cfg: DataConfig) -> tuple[list[str], dict]:
-    """Apply the cleaning options of ``cfg`` to every text, in a fixed order.
+def new_clean_stats() -> dict:
+    """The stats :func:`iter_clean` fills in: ``{"duplicates", "emptied"}``."""
+    return {"duplicates": 0, "emptied": 0}
+
+
+def iter_clean(texts: Iterable[str], cfg: DataConfig, stats: dict | None = None) -> Iterator[str]:
+    """Apply the cleaning options of ``cfg`` to each text as it streams by, in a fixed order.
 
     Gutenberg stripping, NFC normalisation, control characters, whitespace, ASCII;
-    then texts left empty are dropped and exact duplicates removed (first kept).
-    Returns the texts and ``{"duplicates": n, "emptied": n}``.
+    then texts left empty are dropped and exact duplicates removed (the first copy is
+    kept).  Duplicates are recognised by a 16-byte BLAKE2b digest of the cleaned text,
+    so what is remembered per document is fixed-size whatever the document's length.
+    ``stats`` (see :func:`new_clean_stats`) counts ``duplicates`` and ``emptied``.
     """
-    cleaned = []
-    emptied = 0
+    if stats is None:
+        stats = new_clean_stats()
+    else:
+        for key, value in new_clean_stats().items():
+            stats.setdefault(key, value)
+    seen: set[bytes] = set()
     for text in texts:
         text = clean_text(text, cfg)
-        if text.strip():
-            cleaned.append(text)
-        else:
-            emptied += 1
+        if not text.strip():
+            stats["emptied"] += 1
+            continue
+        if cfg.dedupe:
+            digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+            if digest in seen:
+                stats["duplicates"] += 1
+                continue
+            seen.add(digest)
+        yield text
 
-    duplicates = 0
-    if cfg.dedupe:
-        unique = list(dict.fromkeys(cleaned))  # dicts keep insertion order: first copy wins
-        duplicates = len(cleaned) - len(unique)
-        cleaned = unique
-    return cleaned, {"duplicates": duplicates, "emptied": emptied}
+
+def clean_texts(texts: Iterable[str], cfg: DataConfig) -> tuple[list[str], dict]:
+    """``(list(iter_clean(...)), stats)``, for small inputs only (``styletune evaluate --data FILE``);
+    :func:`prepare_data` streams instead."""
+    stats = new_clean_stats()
+    return list(iter_clean(texts, cfg, stats)), stats
 
 
 def clean_text(text: str, cfg: DataConfig) -> str:
@@ -613,23 +655,39 @@ def split_documents(texts: list[str], val_fraction: float, min_val_docs: int, se
     (or line, sentence, word) boundary near its end, so even a one-file corpus gets
     a validation set; ``val_fraction == 0`` means no validation set.
     """
+    _check_split_options(val_fraction, min_val_docs)
+    texts = list(texts)
+    if len(texts) == 1 and val_fraction > 0:
+        return _split_one_document(texts[0], val_fraction)
+    train_idx, val_idx = split_indices(len(texts), val_fraction, min_val_docs, seed)
+    return [texts[i] for i in train_idx], [texts[i] for i in val_idx]
+
+
+def split_indices(n: int, val_fraction: float, min_val_docs: int, seed: int) -> tuple[list[int], list[int]]:
+    """The document indices :func:`split_documents` puts in ``(train, val)``, both ascending.
+
+    For ``n >= 2`` documents: ``min(max(min_val_docs, round(n * val_fraction)), n - 1)``
+    held out, chosen by ``random.Random(seed).shuffle``.  For ``n <= 1`` or
+    ``val_fraction == 0`` every index is training (cutting a lone document is the
+    caller's business).
+    """
+    _check_split_options(val_fraction, min_val_docs)
+    if val_fraction == 0 or n <= 1:
+        return list(range(n)), []
+    n_val = min(max(min_val_docs, round(n * val_fraction)), n - 1)
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    val = sorted(order[:n_val])
+    del order
+    held_out = set(val)
+    return [i for i in range(n) if i not in held_out], val
+
+
+def _check_split_options(val_fraction: float, min_val_docs: int) -> None:
     if not 0 <= val_fraction < 1:
         raise DataError(f"--val-fraction must be at least 0 and below 1, got {val_fraction}")
     if min_val_docs < 0:
         raise DataError(f"--min-val-docs must be >= 0, got {min_val_docs}")
-    texts = list(texts)
-    if val_fraction == 0 or not texts:
-        return texts, []
-    if len(texts) == 1:
-        return _split_one_document(texts[0], val_fraction)
-
-    n_val = min(max(min_val_docs, round(len(texts) * val_fraction)), len(texts) - 1)
-    order = list(range(len(texts)))
-    random.Random(seed).shuffle(order)
-    val_idx = set(order[:n_val])
-    train = [t for i, t in enumerate(texts) if i not in val_idx]
-    val = [t for i, t in enumerate(texts) if i in val_idx]
-    return train, val
 
 
 # Boundaries to cut a lone document at, best first.
@@ -688,55 +746,83 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int = 0, max_block_size: int 
     remainder is dropped).  When the training text is shorter than one block the
     block shrinks to the largest power of two that fits.  Results are cached under
     ``cache_dir/<key>`` (default ``cache_root()/"data"/<key>``).
+
+    Every stage streams, so peak memory does not grow with the corpus: the sources
+    are read and cleaned one text at a time and the cleaned documents written once to
+    an Arrow file in a fresh temporary directory; the split, the cache key, the
+    tokenisation and the packing then work on that memory-mapped file.
     """
     block_size = _check_block_size(cfg.block_size, max_block_size)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no end-of-text (EOS) token to separate documents with")
 
-    texts, read_stats = read_texts(cfg)
-    docs, clean_stats = clean_texts(texts, cfg)
-    if not docs:
-        raise DataError(f"no text left after cleaning: all {len(texts)} records became empty")
-    notes: list[str] = []
-    if cfg.val:
-        val_raw, val_read = read_texts(cfg, [cfg.val])
-        val_texts, val_clean = clean_texts(val_raw, cfg)
-        train_texts = docs
-        read_stats = _add_stats(read_stats, val_read)
-        clean_stats = _add_stats(clean_stats, val_clean)
-        all_docs = docs + val_texts
-    else:
-        train_texts, val_texts = split_documents(docs, cfg.val_fraction, cfg.min_val_docs, seed)
-        all_docs = docs
-        if len(docs) == 1 and val_texts:
-            notes.append(f"only one document: its last {len(val_texts[0]):,} characters are the validation set")
-        elif len(docs) == 1 and cfg.val_fraction > 0:
-            notes.append("the only document could not be split, so there is no validation set")
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "data"
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_dirs(root)
+    work = Path(tempfile.mkdtemp(prefix=".tmp-docs-", dir=root))
+    try:
+        read_stats, clean_stats = new_read_stats(), new_clean_stats()
+        docs, doc_stats = _write_docs(iter_clean(iter_texts(cfg, None, read_stats), cfg, clean_stats),
+                                      work / "docs.arrow")
+        if not doc_stats["docs"]:
+            raise DataError(f"no text left after cleaning: all {read_stats['records']} records became empty")
+        notes: list[str] = []
+        shortest, longest = doc_stats["shortest"], doc_stats["longest"]
+        records, characters = doc_stats["docs"], doc_stats["chars"]
+        if cfg.val:
+            val_read, val_clean = new_read_stats(), new_clean_stats()
+            val, val_stats = _write_docs(iter_clean(iter_texts(cfg, [cfg.val], val_read), cfg, val_clean),
+                                         work / "val-docs.arrow")
+            train = docs
+            read_stats = _add_stats(read_stats, val_read)
+            clean_stats = _add_stats(clean_stats, val_clean)
+            records += val_stats["docs"]
+            characters += val_stats["chars"]
+            if val_stats["docs"]:
+                shortest, longest = min(shortest, val_stats["shortest"]), max(longest, val_stats["longest"])
+        elif doc_stats["docs"] == 1 and cfg.val_fraction > 0:
+            _check_split_options(cfg.val_fraction, cfg.min_val_docs)
+            (train_text,), val_texts = _split_one_document(docs[0]["text"], cfg.val_fraction)
+            train, _ = _write_docs([train_text], work / "train-docs.arrow")
+            val = _write_docs(val_texts, work / "val-docs.arrow")[0] if val_texts else None
+            characters = len(train_text) + sum(map(len, val_texts))
+            if val_texts:
+                notes.append(f"only one document: its last {len(val_texts[0]):,} characters are the validation set")
+            else:
+                notes.append("the only document could not be split, so there is no validation set")
+        else:
+            train_idx, val_idx = split_indices(len(docs), cfg.val_fraction, cfg.min_val_docs, seed)
+            train = _select(docs, train_idx, work / "train-indices.arrow")
+            val = _select(docs, val_idx, work / "val-indices.arrow") if val_idx else None
+            del train_idx, val_idx
+        train_docs, val_docs = len(train), len(val) if val is not None else 0
 
-    key = _cache_key(train_texts, val_texts, tokenizer, block_size, eos)
-    target = Path(cache_dir).expanduser() if cache_dir is not None else cache_root() / "data"
-    target = target / key
-    meta = _read_cache_meta(target)
-    cached = meta is not None
-    if not cached:
-        meta = _build_cache(target, train_texts, val_texts, tokenizer, eos, block_size)
+        key = _cache_key(train, val, tokenizer, block_size, eos)
+        target = root / key
+        meta = _read_cache_meta(target)
+        cached = meta is not None
+        if not cached:
+            meta = _build_cache(target, train, val, tokenizer, eos, block_size)
+        del docs, train, val
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
-    train = _open_blocks(target / "train.arrow")
-    val = _open_blocks(target / "val.arrow") if meta["val_blocks"] else None
+    train_blocks = _open_blocks(target / "train.arrow")
+    val_blocks = _open_blocks(target / "val.arrow") if meta["val_blocks"] else None
     summary = {
-        "records": len(all_docs),
-        "characters": sum(map(len, train_texts)) + sum(map(len, val_texts)),
+        "records": records,
+        "characters": characters,
         "tokens": meta["train_tokens"] + meta["val_tokens"],
         "train_tokens": meta["train_tokens"],
         "val_tokens": meta["val_tokens"],
-        "train_docs": len(train_texts),
-        "val_docs": len(val_texts),
+        "train_docs": train_docs,
+        "val_docs": val_docs,
         "duplicates": clean_stats["duplicates"],
         "empty_dropped": read_stats["empty_dropped"] + clean_stats["emptied"],
         "filtered_out": read_stats["filtered_out"],
-        "shortest_chars": min(map(len, all_docs)),
-        "longest_chars": max(map(len, all_docs)),
+        "shortest_chars": shortest,
+        "longest_chars": longest,
         "block_size": meta["block_size"],
         "train_blocks": meta["train_blocks"],
         "val_blocks": meta["val_blocks"],
@@ -744,7 +830,59 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int = 0, max_block_size: int 
         "notes": notes + meta["notes"],
         "cached": cached,
     }
-    return PreparedData(train=train, val=val, block_size=meta["block_size"], summary=summary, cache_key=key)
+    return PreparedData(train=train_blocks, val=val_blocks, block_size=meta["block_size"], summary=summary,
+                        cache_key=key)
+
+
+_WRITE_BATCH_CHARS = 16 << 20
+"""Characters of text buffered before a batch of documents is written (bounds memory, not results)."""
+
+
+def _write_docs(texts: Iterable[str], path: Path) -> tuple["datasets.Dataset | None", dict]:
+    """Write ``texts`` to an Arrow stream file as one ``text`` column and memory-map it back.
+
+    Only one batch of texts is held at a time.  Returns the dataset (None without any
+    text) and ``{"docs", "chars", "shortest", "longest"}`` (character counts).
+    """
+    import pyarrow as pa
+
+    datasets = _datasets()
+    schema = pa.schema([("text", pa.large_string())])
+    stats = {"docs": 0, "chars": 0, "shortest": 0, "longest": 0}
+    batch: list[str] = []
+    batch_chars = 0
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for text in texts:
+            n = len(text)
+            stats["shortest"] = n if not stats["docs"] else min(stats["shortest"], n)
+            stats["longest"] = max(stats["longest"], n)
+            stats["docs"] += 1
+            stats["chars"] += n
+            batch.append(text)
+            batch_chars += n
+            if len(batch) >= _READ_BATCH or batch_chars >= _WRITE_BATCH_CHARS:
+                writer.write_batch(pa.record_batch([pa.array(batch, pa.large_string())], schema=schema))
+                batch, batch_chars = [], 0
+        if batch:
+            writer.write_batch(pa.record_batch([pa.array(batch, pa.large_string())], schema=schema))
+    del batch
+    return (datasets.Dataset.from_file(str(path)) if stats["docs"] else None), stats
+
+
+def _select(docs: "datasets.Dataset", indices: list[int], path: Path) -> "datasets.Dataset":
+    """The rows ``indices`` (ascending) of ``docs``, as a view: an indices file at ``path``, or a plain
+    slice when they are contiguous.  The texts themselves are not copied."""
+    if indices and indices[-1] - indices[0] + 1 == len(indices):
+        return docs.select(range(indices[0], indices[-1] + 1))
+    return docs.select(indices, indices_cache_file_name=str(path), new_fingerprint=path.stem)
+
+
+def _iter_column(ds: "datasets.Dataset | None", column: str = "text") -> Iterator[str]:
+    """The values of one string column, a batch at a time from the memory-mapped table."""
+    if ds is None:
+        return
+    for batch in ds.with_format("arrow").iter(batch_size=_READ_BATCH):
+        yield from batch.column(column).to_pylist()
 
 
 def _check_block_size(block_size: int, max_block_size: int | None) -> int:
@@ -771,8 +909,9 @@ def _fit_block_size(block_size: int, train_tokens: int) -> tuple[int, list[str]]
                     f"{block_size}; using blocks of {shrunk} tokens"]
 
 
-def _cache_key(train: list[str], val: list[str], tokenizer, block_size: int, eos: int) -> str:
-    """sha256 over everything the packed blocks depend on.
+def _cache_key(train: "datasets.Dataset", val: "datasets.Dataset | None", tokenizer, block_size: int,
+               eos: int) -> str:
+    """sha256 over everything the packed blocks depend on, streamed over the cleaned documents.
 
     The cleaned texts already reflect every reading, cleaning and split option (and
     the seed), so those need not be hashed separately.  Each piece is
@@ -789,10 +928,10 @@ def _cache_key(train: list[str], val: list[str], tokenizer, block_size: int, eos
                   str(getattr(tokenizer, "name_or_path", "")), str(len(tokenizer)),
                   _vocab_hash(tokenizer), str(block_size), str(eos), f"train {len(train)}"):
         add(piece)
-    for text in train:
+    for text in _iter_column(train):
         add(text)
-    add(f"val {len(val)}")
-    for text in val:
+    add(f"val {len(val) if val is not None else 0}")
+    for text in _iter_column(val):
         add(text)
     return h.hexdigest()
 
@@ -816,7 +955,7 @@ def _read_cache_meta(target: Path) -> dict | None:
     return None
 
 
-def _build_cache(target: Path, train_texts: list[str], val_texts: list[str], tokenizer, eos: int,
+def _build_cache(target: Path, train: "datasets.Dataset", val: "datasets.Dataset | None", tokenizer, eos: int,
                  block_size: int) -> dict:
     """Tokenise and pack into a temporary directory, then move it to ``target`` atomically.
 
@@ -827,14 +966,14 @@ def _build_cache(target: Path, train_texts: list[str], val_texts: list[str], tok
     _remove_stale_temp_dirs(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name[:16]}-", dir=target.parent))
     try:
-        train_docs = _tokenize(train_texts, tokenizer, eos, tmp / "train-docs.arrow")
+        train_docs = _tokenize(train, tokenizer, eos, tmp / "train-docs.arrow")
         train_tokens = _count_tokens(train_docs)
         block_size, notes = _fit_block_size(block_size, train_tokens)
         train_blocks = _pack(train_docs, block_size, tmp / "train.arrow")
 
         val_tokens = val_blocks = 0
-        if val_texts:
-            val_docs = _tokenize(val_texts, tokenizer, eos, tmp / "val-docs.arrow")
+        if val is not None and len(val):
+            val_docs = _tokenize(val, tokenizer, eos, tmp / "val-docs.arrow")
             val_tokens = _count_tokens(val_docs)
             # Fewer tokens than a block: one shorter block, so a tiny corpus still validates.
             val_blocks = _pack(val_docs, min(block_size, val_tokens), tmp / "val.arrow")
@@ -868,8 +1007,9 @@ def _remove_stale_temp_dirs(root: Path, max_age_s: float = 24 * 3600) -> None:
             pass
 
 
-def _tokenize(texts: list[str], tokenizer, eos: int, path: Path) -> "datasets.Dataset":
-    """One row of token ids per document, EOS appended, written to ``path`` by ``Dataset.map``."""
+def _tokenize(docs: "datasets.Dataset", tokenizer, eos: int, path: Path) -> "datasets.Dataset":
+    """One row of token ids per document of ``docs`` (a ``text`` column, memory-mapped), EOS appended,
+    written to ``path`` by a batched ``Dataset.map``."""
     datasets = _datasets()
 
     def encode(batch: dict) -> dict:
@@ -878,7 +1018,6 @@ def _tokenize(texts: list[str], tokenizer, eos: int, path: Path) -> "datasets.Da
         ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
         return {"input_ids": [doc + [eos] for doc in ids]}
 
-    docs = datasets.Dataset.from_dict({"text": texts})
     return docs.map(
         encode,
         batched=True,
