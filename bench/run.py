@@ -1182,6 +1182,59 @@ def measure_data_rss_100x(s: Settings) -> dict:
 # The registry: name -> (group, role, function), in the order they run
 
 
+def _train_processes(s: Settings, nproc: int) -> dict:
+    """``styletune train`` as a user starts it, on all of this machine's cores: one process with
+    every core's thread (``--threads N``, micro-batches of ``batch_size``), or ``--devices nproc``
+    processes with a thread each (micro-batches of ``batch_size / nproc``), so both train with the
+    same global batch. Tokens/s from the run's ``metrics.jsonl`` over the steps after warm-up."""
+    from styletune.training import read_metrics
+
+    cores = os.cpu_count() or 1
+    steps = s.warmup_steps + s.timed_steps
+    out = Path(s.workdir) / f"styletune_run_{nproc}proc"
+    micro = s.batch_size // nproc
+    cmd = [sys.executable, "-m", "styletune", *(["--threads", str(cores)] if nproc == 1 else []), "train",
+           s.corpus_csv, "--column", "Joke", "--no-dedupe", "--model", s.styletune_model, "--out", str(out),
+           "--overwrite", "--block-size", str(s.block_size), "--batch-size", str(micro), "--max-steps", str(steps),
+           "--eval-every", str(steps + 1), "--save-every", str(steps + 1), "--seed", "0",
+           *(["--devices", str(nproc)] if nproc > 1 else [])]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // nproc))}
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise RuntimeError(f"styletune train exited {done.returncode}: {done.stderr[-2000:]}")
+    rows = [r for r in read_metrics(out) if "loss" in r]
+    if len(rows) != steps:
+        raise RuntimeError(f"metrics.jsonl has {len(rows)} step records, expected {steps}")
+    prev = [{"tokens_seen": 0, "elapsed_s": 0.0}] + rows
+    timed = list(zip(prev, rows))[s.warmup_steps:]
+    tokens = sum(b["tokens_seen"] - a["tokens_seen"] for a, b in timed)
+    seconds = sum(b["elapsed_s"] - a["elapsed_s"] for a, b in timed)
+    plan = next((ln for ln in done.stderr.splitlines() if ln.startswith("training ")), "")
+    return {
+        "value": tokens / seconds, "unit": "useful tokens/s",
+        "timing": f"{s.timed_steps} steps after {s.warmup_steps} warm-up, from metrics.jsonl",
+        "notes": f"{plan.split(': ', 1)[0]}; {plan.split(', ')[-2] if plan else ''}; "
+                 f"{max(1, cores // nproc)} thread(s) per process; whole command {wall:.1f} s; "
+                 "losses " + "/".join(f"{r['loss']:.3f}" for r in rows),
+        "threads": max(1, cores // nproc),
+        # The ranks are this child's children: their peak, not this child's, is the figure's.
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
+
+
+def measure_train_1proc(s: Settings) -> dict:
+    """``styletune --threads N train ...``: one process on all N cores."""
+    return _train_processes(s, 1)
+
+
+def measure_train_2proc(s: Settings) -> dict:
+    """``styletune train ... --devices 2``: two processes (DDP on gloo), one thread each, the same
+    global batch."""
+    return _train_processes(s, 2)
+
+
 MEASUREMENTS = {
     "trainer_padded": ("train", "reference", measure_trainer_padded),
     "plain_loop": ("train", "reference", measure_plain_loop),
@@ -1216,6 +1269,8 @@ MEASUREMENTS = {
     "serve_c32": ("serve", "styletune", measure_serve_c32),
     "llamacpp_serve_c1": ("serve", "reference", measure_llamacpp_serve_c1),
     "llamacpp_serve_c32": ("serve", "reference", measure_llamacpp_serve_c32),
+    "train_1proc": ("processes", "reference", measure_train_1proc),
+    "train_2proc": ("processes", "styletune", measure_train_2proc),
     "styletune_train_fp32": ("dtype", "styletune", measure_styletune_train_fp32),
     "styletune_train_bf16": ("dtype", "styletune", measure_styletune_train_bf16),
     "styletune_generate_b1_fp32": ("dtype", "styletune", measure_styletune_generate_b1_fp32),
@@ -1293,6 +1348,8 @@ RATIOS = [
      "peak anonymous memory of the prepare_data child, 10x larger corpus (~1: flat; 10 would be linear)"),
     ("data prep peak anon RSS: 100x / 1x", "data_rss_100x", "data_rss_1x",
      "peak anonymous memory of the prepare_data child, 100x larger corpus (~1: flat; 100 would be linear)"),
+    ("train: 2 processes / 1 process", "train_2proc", "train_1proc",
+     "`--devices 2` (DDP on gloo, a thread each) vs one process on both cores, the same global batch"),
 ]
 
 
@@ -1326,7 +1383,8 @@ def child_main(name: str, ctx_path: str, as_json: bool) -> int:
     _group, role, fn = MEASUREMENTS[name]
     t0 = time.perf_counter()
     result = fn(s)
-    result.update(name=name, role=role, wall_s=time.perf_counter() - t0, peak_rss_mb=peak_rss_mb())
+    result.update(name=name, role=role, wall_s=time.perf_counter() - t0)
+    result.setdefault("peak_rss_mb", peak_rss_mb())  # a row whose work ran in its own children says theirs
     result.setdefault("threads", threads() if threads else None)
     text = json.dumps(result) if as_json else "\n".join(f"{k}: {v}" for k, v in result.items())
     os.write(real_stdout, (text + "\n").encode())
@@ -1473,7 +1531,8 @@ def git_state() -> str:
     """The commit measured, and any uncommitted change to styletune/ (read-only git commands)."""
     def git(*cmd: str) -> str:
         try:
-            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+            # rstrip, not strip: `git status --porcelain` lines start with a status column that may be a space
+            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.rstrip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
@@ -1613,9 +1672,9 @@ def parent_main(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes: a ~3 minute check that every row works")
-    p.add_argument("--only", choices=["train", "generate", "dtype", "serve", "data"],
-                   help="run only the training, the generation, the fp32-vs-bf16, the serving or the "
-                        "data-preparation memory rows")
+    p.add_argument("--only", choices=["train", "generate", "dtype", "serve", "data", "processes"],
+                   help="run only the training, the generation, the fp32-vs-bf16, the serving, the "
+                        "data-preparation memory or the 2-processes-vs-1 rows")
     p.add_argument("--rows", help="run only these measurements (comma-separated names, as in the report)")
     p.add_argument("--model", choices=["smollm2-135m", "gpt2-random"], default="smollm2-135m")
     p.add_argument("--rounds", type=int, default=1,

@@ -119,13 +119,6 @@ def iter_texts(cfg: DataConfig, sources: list[str] | None = None, stats: dict | 
         raise DataError(f"no text found in {', '.join(map(str, sources))}: {_nothing_read_details(stats)}")
 
 
-def read_texts(cfg: DataConfig, sources: list[str] | None = None) -> tuple[list[str], dict]:
-    """``(list(iter_texts(...)), stats)``: every raw text in a list, for small inputs only
-    (``styletune evaluate --data FILE``); :func:`prepare_data` streams instead."""
-    stats = new_read_stats()
-    return list(iter_texts(cfg, sources, stats)), stats
-
-
 def _nothing_read_details(stats: dict) -> str:
     """Why a read produced no text, for the error message."""
     n_read = stats["records"] + stats["empty_dropped"] + stats["filtered_out"]
@@ -571,13 +564,6 @@ def iter_clean(texts: Iterable[str], cfg: DataConfig, stats: dict | None = None)
                 continue
             seen.add(digest)
         yield text
-
-
-def clean_texts(texts: Iterable[str], cfg: DataConfig) -> tuple[list[str], dict]:
-    """``(list(iter_clean(...)), stats)``, for small inputs only (``styletune evaluate --data FILE``);
-    :func:`prepare_data` streams instead."""
-    stats = new_clean_stats()
-    return list(iter_clean(texts, cfg, stats)), stats
 
 
 def clean_text(text: str, cfg: DataConfig) -> str:

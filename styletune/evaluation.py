@@ -531,17 +531,15 @@ def _stream(blocks) -> torch.Tensor:
 
 def _eval_file_stream(path: str, data_cfg, tokenizer) -> torch.Tensor:
     """``--data FILE`` read like training data (same cleaning options), documents joined with EOS."""
-    from .data import clean_texts, read_texts
+    from .data import iter_clean, iter_texts
 
     cfg = dataclasses.replace(data_cfg, sources=[path], val=None, filter=[], split=None, config=None)
-    texts, _ = read_texts(cfg)
-    docs, _ = clean_texts(texts, cfg)
-    if not docs:
-        raise StyletuneError(f"{path} holds no text to evaluate on (every record is empty after cleaning)")
     eos = tokenizer.eos_token_id
     ids: list[int] = []
-    for doc in docs:
+    for doc in iter_clean(iter_texts(cfg), cfg):
         ids += tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"] + [eos]
+    if not ids:
+        raise StyletuneError(f"{path} holds no text to evaluate on (every record is empty after cleaning)")
     return torch.tensor(ids, dtype=torch.long)
 
 

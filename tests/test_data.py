@@ -10,14 +10,12 @@ from styletune.data import (
     DataError,
     PreparedData,
     cache_root,
-    clean_texts,
     format_summary,
     iter_clean,
     iter_texts,
     new_clean_stats,
     new_read_stats,
     prepare_data,
-    read_texts,
     split_documents,
     split_indices,
 )
@@ -262,7 +260,8 @@ def test_texts_stream_one_at_a_time(tmp_path, monkeypatch):
     assert next(texts) == "one" and decoded == ["doc000.txt"]  # the later files are not read yet
     assert stats["records"] == 1
     assert list(texts) == ["two", "three"] and stats["records"] == 3
-    assert read_texts(DataConfig(sources=paths)) == (["one", "two", "three"], stats)  # the list wrapper agrees
+    again = new_read_stats()
+    assert list(iter_texts(DataConfig(sources=paths), stats=again)) == ["one", "two", "three"] and again == stats
 
     # A table streams too; an empty result is an error once the end is reached.
     (tmp_path / "t.csv").write_text("text\n" + "".join(f"row {i}\n" for i in range(5)))
@@ -401,7 +400,9 @@ def test_cleaning_streams_and_the_list_wrapper_agrees():
     cleaned = iter_clean(source(), DataConfig(), stats)
     assert next(cleaned) == "alpha" and seen == ["alpha"]
     assert list(cleaned) == ["beta"] and stats == {"duplicates": 1, "emptied": 0}
-    assert clean_texts(["alpha", "alpha", " ", "beta"], DataConfig()) == (["alpha", "beta"], {"duplicates": 1, "emptied": 1})
+    stats = new_clean_stats()
+    assert list(iter_clean(["alpha", "alpha", " ", "beta"], DataConfig(), stats)) == ["alpha", "beta"]
+    assert stats == {"duplicates": 1, "emptied": 1}
 
 
 # --------------------------------------------------------------------------- splitting
@@ -500,7 +501,7 @@ def test_prepare_data_streams_through_an_arrow_file(tmp_path, tokenizer, monkeyp
     def in_memory(*args, **kwargs):
         raise AssertionError("the pipeline built a list or an in-memory dataset of every text")
 
-    for name in ("read_texts", "clean_texts", "split_documents"):
+    for name in ("split_documents",):
         monkeypatch.setattr(data_module, name, in_memory)
     monkeypatch.setattr(datasets.Dataset, "from_dict", in_memory)
     monkeypatch.setattr(data_module, "_READ_BATCH", 3)
