@@ -178,10 +178,12 @@ def launch(nproc: int, train_args: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    # torchrun's own log lines (its OMP_NUM_THREADS notice, a failure report of many lines):
-    # each rank reports for itself, and this function says how the run ended.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    logging.getLogger("torch.distributed.run").setLevel(logging.CRITICAL)
+    # torchrun's own log lines (its OMP_NUM_THREADS notice, a failure report of many lines, "Received
+    # 2 death signal"): each rank reports for itself, and this function says how the run ended.
+    # Its modules set their loggers' levels themselves, so each is quietened by name.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     args = torchrun.parse_args(["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0",
                                 "--monitor-interval=0.1", "-m", "styletune", "train", *train_args])

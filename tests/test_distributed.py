@@ -203,7 +203,8 @@ def test_devices_2_fsdp_and_accelerate_launch(tmp_path, train_model_dirs, corpus
         assert_close(adapter(cfg.out), adapter(one.out), 1e-4)
 
 
-def test_sigterm_stops_every_rank_with_one_checkpoint(tmp_path, train_model_dirs, corpus):  # noqa: F811
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])  # SIGINT: Ctrl-C at the launcher
+def test_a_signal_stops_every_rank_with_one_checkpoint(tmp_path, train_model_dirs, corpus, sig):  # noqa: F811
     cfg = config(tmp_path, train_model_dirs["llama"], corpus, batch_size=2, max_steps=100000, eval_every=100000,
                  save_every=100000, lr=1e-3)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -215,7 +216,7 @@ def test_sigterm_stops_every_rank_with_one_checkpoint(tmp_path, train_model_dirs
         while not [r for r in read_metrics(Path(cfg.out)) if r.get("step", 0) >= 3]:
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=TIMEOUT)
     finally:
         proc.kill()
@@ -224,7 +225,8 @@ def test_sigterm_stops_every_rank_with_one_checkpoint(tmp_path, train_model_dirs
     assert len(saved) == 1, saved
     step = int(saved[0].name.split("-")[1])
     assert [r["step"] for r in read_metrics(Path(cfg.out)) if "loss" in r][-1] == step
-    assert stderr.count(f"saved a checkpoint at step {step}") == 1 and "Traceback" not in stderr
+    assert stderr.count(f"{sig.name}: saved a checkpoint at step {step}") == 1
+    assert "Traceback" not in stderr and "death signal" not in stderr  # no torchrun log lines
 
 
 @pytest.mark.parametrize("failure", ["bad file on rank 1", "exception at step 2 on rank 1"])
