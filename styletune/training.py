@@ -27,7 +27,7 @@ from . import checkpoints as ckpt
 from .architectures import architecture_of, default_lora_targets
 from .config import TrainConfig, parse_duration, save_yaml, train_config_to_dict
 from .errors import StyletuneError
-from .losses import LossOf, causal_lm_loss
+from .losses import LossOf
 from .lora import lean_lora
 from .runs import has_run, write_info
 

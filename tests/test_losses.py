@@ -101,23 +101,24 @@ def trainable(model):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_train_layers_trains_only_the_top_layers(tmp_path, train_model_dirs, corpus, family, method, monkeypatch):
+    import styletune.losses as losses_module
     import styletune.training as training
 
     seen = {}
-    real = training.causal_lm_loss
+    real = losses_module.causal_lm_loss
 
     def record_layer0(module, args, output):
         if torch.is_grad_enabled():
             out = output[0] if isinstance(output, tuple) else output
             seen["layer0_output_needs_grad"] = out.requires_grad
 
-    def spy(model, batch, **kw):
+    def spy(model, batch, *args, **kw):
         if "trainable" not in seen:
             seen["trainable"] = trainable(model)
             training.layer_stack(model)[1][0].register_forward_hook(record_layer0)
-        return real(model, batch, **kw)
+        return real(model, batch, *args, **kw)
 
-    monkeypatch.setattr(training, "causal_lm_loss", spy)
+    monkeypatch.setattr(losses_module, "causal_lm_loss", spy)  # what the loop's LossOf calls
     cfg = config(tmp_path, train_model_dirs[family], corpus, method=method, lr=1e-2, max_steps=12,
                  eval_every=12, save_every=12, warmup_fraction=0.0, train_layers=1)
     result = train(cfg)
