@@ -433,8 +433,15 @@ def measure_budget_top_layers(s: Settings) -> dict:
 # Generation measurements
 
 
-def _hf_generate(s: Settings, prompts: list[str]) -> dict:
-    """transformers ``generate``, greedy, exactly ``new_tokens`` new tokens per prompt (left-padded batch)."""
+def _hf_generate(s: Settings, prompts: list[str], static_compile: bool = False) -> dict:
+    """transformers ``generate``, greedy, exactly ``new_tokens`` new tokens per prompt (left-padded batch).
+
+    ``static_compile``: transformers' own fast path, a static KV cache (``cache_implementation=
+    "static"``) with the forward compiled by ``torch.compile`` (fullgraph, fixed shapes), which
+    ``generate`` does itself through its ``CompileConfig``. It compiles for CUDA-like devices only
+    unless told otherwise (``_compile_all_devices``, transformers 5.x). The cache's length is the
+    call's, so the warm-up call makes as many tokens as the timed ones (a shorter one would leave
+    the timed calls to recompile)."""
     import torch
 
     dtype = inference_dtype()
@@ -442,13 +449,23 @@ def _hf_generate(s: Settings, prompts: list[str]) -> dict:
     model.eval()
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True)
+    extra = {}
+    if static_compile:
+        from transformers import CompileConfig
+
+        compile_config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
+        compile_config._compile_all_devices = True
+        extra = dict(cache_implementation="static", compile_config=compile_config)
+    warmup_tokens = s.new_tokens if static_compile else s.warmup_new_tokens
 
     def run(n: int):
         return model.generate(**enc, do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                              pad_token_id=tok.pad_token_id)
+                              pad_token_id=tok.pad_token_id, **extra)
 
     with torch.inference_mode():
-        run(s.warmup_new_tokens)
+        t0 = time.perf_counter()
+        run(warmup_tokens)
+        warmup_s = time.perf_counter() - t0
         holder = {}
         best, times = best_of(lambda: holder.update(out=run(s.new_tokens)), s.repeats)
     out = holder["out"][:, enc["input_ids"].shape[1]:]
@@ -456,8 +473,10 @@ def _hf_generate(s: Settings, prompts: list[str]) -> dict:
     print(f"hf generate: dtype {dtype}", file=sys.stderr)
     return {
         "value": len(prompts) * s.new_tokens / best, "unit": "tokens/s",
-        "timing": f"1 warm-up call ({s.warmup_new_tokens} tokens), best of {s.repeats}",
-        "notes": f"{str(dtype).replace('torch.', '')}, batch {len(prompts)}, times {fmt_times(times)}",
+        "timing": f"1 warm-up call ({warmup_tokens} tokens), best of {s.repeats}",
+        "notes": f"{str(dtype).replace('torch.', '')}, batch {len(prompts)}, times {fmt_times(times)}"
+                 + (f"; static cache + torch.compile, warm-up call incl. compilation {warmup_s:.1f} s"
+                    if static_compile else ""),
         "dtype": str(dtype).replace("torch.", ""), "token_ids": out[0].tolist(), "seconds": best,
     }
 
@@ -512,6 +531,21 @@ def decode_path(lm) -> str:
 
 # ---- fp32 against bf16, for ``--dtype auto``: the same rows with the dtype pinned each way, so
 # the report shows on this CPU which one is faster for training and for decoding.
+
+
+def measure_train_compute_floor_fp32(s: Settings) -> dict:
+    """``train_compute_floor`` with every product in float32, whatever this CPU has."""
+    import torch
+
+    return measure_train_compute_floor(s, dtype=torch.float32)
+
+
+def measure_train_compute_floor_bf16(s: Settings) -> dict:
+    """``train_compute_floor`` with the products in bfloat16 (emulated where the CPU has no bf16
+    instructions, as autocast would be), the loss softmax in float32."""
+    import torch
+
+    return measure_train_compute_floor(s, dtype=torch.bfloat16)
 
 
 def measure_styletune_train_fp32(s: Settings) -> dict:
@@ -624,6 +658,11 @@ def measure_styletune_generate_b8_int8dyn_compile(s: Settings) -> dict:
     """The 8 prompts with ``--quantize int8-dynamic --compile``, to set against the batch-1 row
     with the same settings."""
     return _styletune_generate(s, PROMPTS_B8, quantize="int8-dynamic", compile=True)
+
+
+def measure_hf_generate_b1_static_compile(s: Settings) -> dict:
+    """Reference: transformers at its fastest on one prompt, a static cache and a compiled forward."""
+    return _hf_generate(s, [PROMPT], static_compile=True)
 
 
 def measure_hf_generate_b8(s: Settings) -> dict:
@@ -893,16 +932,17 @@ def measure_load_time_hf_dir(s: Settings) -> dict:
             "notes": f"times {fmt_times(times)}", "seconds": best}
 
 
-def _step_products(s: Settings):
+def _step_products(s: Settings, dtype=None):
     """What a LoRA step's products are made of, built once for both floor rows: the frozen
-    weight matrices as (out, in) in the plain loop's dtype, random activations of one step's
-    batch_size x block_size tokens for each input and output width, and the model's config."""
+    weight matrices as (out, in) in ``dtype`` (default: the plain loop's), random activations of
+    one step's batch_size x block_size tokens for each input and output width, and the model's config."""
     import torch
 
     from styletune.models import cpu_has_bf16
 
     model, _tok = load_reference_model(s, torch.float32)
-    dtype = torch.bfloat16 if cpu_has_bf16() else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if cpu_has_bf16() else torch.float32
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # pragma: no cover - older transformers
@@ -961,7 +1001,7 @@ def measure_train_matmul_floor(s: Settings) -> dict:
     }
 
 
-def measure_train_compute_floor(s: Settings, rank: int = 16, chunk: int = 512) -> dict:
+def measure_train_compute_floor(s: Settings, rank: int = 16, chunk: int = 512, dtype=None) -> dict:
     """A tighter bound: train_matmul_floor's products plus the rest of the arithmetic a LoRA
     step cannot skip, each part timed alone with torch's fastest kernel for it.
 
@@ -978,7 +1018,7 @@ def measure_train_compute_floor(s: Settings, rank: int = 16, chunk: int = 512) -
     import torch
     import torch.nn.functional as F
 
-    config, dtype, weights, acts, tokens = _step_products(s)
+    config, dtype, weights, acts, tokens = _step_products(s, dtype)
     head = max(weights, key=lambda w: w.shape[0])  # the output head: the widest matrix
     projections = [w for w in weights if w is not head]
     lora = [(torch.randn(rank, w.shape[1], dtype=dtype), torch.randn(w.shape[0], rank, dtype=dtype))
@@ -1258,6 +1298,7 @@ MEASUREMENTS = {
     "styletune_generate_b8": ("generate", "styletune", measure_styletune_generate_b8),
     "styletune_generate_b8_int8dyn_compile": ("generate", "styletune", measure_styletune_generate_b8_int8dyn_compile),
     "hf_generate_b8": ("generate", "reference", measure_hf_generate_b8),
+    "hf_generate_b1_static_compile": ("generate", "reference", measure_hf_generate_b1_static_compile),
     "llamacpp_b1": ("generate", "reference", measure_llamacpp_b1),
     "styletune_tuned_b1": ("generate", "styletune", measure_styletune_tuned_b1),
     "llamacpp_tuned_q8_0_b1": ("generate", "reference", measure_llamacpp_tuned_q8_0_b1),
@@ -1272,6 +1313,8 @@ MEASUREMENTS = {
     "train_1proc": ("processes", "reference", measure_train_1proc),
     "train_2proc": ("processes", "styletune", measure_train_2proc),
     "styletune_train_fp32": ("dtype", "styletune", measure_styletune_train_fp32),
+    "train_compute_floor_fp32": ("dtype", "bound", measure_train_compute_floor_fp32),
+    "train_compute_floor_bf16": ("dtype", "bound", measure_train_compute_floor_bf16),
     "styletune_train_bf16": ("dtype", "styletune", measure_styletune_train_bf16),
     "styletune_generate_b1_fp32": ("dtype", "styletune", measure_styletune_generate_b1_fp32),
     "styletune_generate_b1_bf16": ("dtype", "styletune", measure_styletune_generate_b1_bf16),
@@ -1307,6 +1350,12 @@ RATIOS = [
      "--train-layers (top quarter) --compile vs the hand-written loop training every layer"),
     ("styletune_b1 / hf_b1", "styletune_generate_b1", "hf_generate_b1",
      "batch-1 greedy tokens/s vs transformers generate"),
+    ("hf_b1 static+compile / hf_b1", "hf_generate_b1_static_compile", "hf_generate_b1",
+     "transformers' own fast path (static cache, compiled forward) vs its default generate"),
+    ("styletune_b1 / hf_b1 static+compile", "styletune_generate_b1", "hf_generate_b1_static_compile",
+     "batch-1 greedy tokens/s vs transformers at its best"),
+    ("styletune_b1_int8dyn_compile / hf_b1 static+compile", "styletune_generate_b1_int8dyn_compile",
+     "hf_generate_b1_static_compile", "--quantize int8-dynamic --compile vs transformers at its best"),
     ("styletune_b1 / llamacpp", "styletune_generate_b1", "llamacpp_b1",
      "batch-1 tokens/s vs llama.cpp on the Q4_1 GGUF"),
     ("styletune_b1_int8 / llamacpp", "styletune_generate_b1_int8", "llamacpp_b1",
@@ -1338,6 +1387,10 @@ RATIOS = [
      "one streaming client, styletune serve vs llama_cpp.server"),
     ("serve: styletune / llama.cpp server, 32 streams", "serve_c32", "llamacpp_serve_c32",
      "32 streaming clients, styletune serve vs llama_cpp.server"),
+    ("train fp32: styletune / compute floor", "styletune_train_fp32", "train_compute_floor_fp32",
+     "share of the fp32 compute floor styletune's fp32 training reaches (1 = at the floor)"),
+    ("train bf16: styletune / compute floor", "styletune_train_bf16", "train_compute_floor_bf16",
+     "share of the bf16 compute floor styletune's bf16-autocast training reaches (1 = at the floor)"),
     ("train: bf16 / fp32", "styletune_train_bf16", "styletune_train_fp32",
      "LoRA training tokens/s with bf16 autocast vs fp32 (> 1: bf16 is the faster --dtype here)"),
     ("decode b1: bf16 / fp32", "styletune_generate_b1_bf16", "styletune_generate_b1_fp32",
