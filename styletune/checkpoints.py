@@ -130,7 +130,8 @@ def _flatten(optimizer_state: dict, rng: dict) -> tuple[dict[str, torch.Tensor],
 
 
 def _unflatten(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
+    state: dict[int | str, dict] = {}
+
     def param(name: str):  # a parameter's name; a position in checkpoints written before names
         return int(name) if name.isdigit() else name
 

@@ -531,7 +531,10 @@ class _Run:
                 if not torch.isfinite(p).all():
                     raise StyletuneError(f"the weights became non-finite at step {self.state.step}; "
                                          "refusing to save them")
-        self.model.save_pretrained(path, state_dict=weights) if weights is not None else self.model.save_pretrained(path)
+        if weights is None:
+            self.model.save_pretrained(path)
+        else:  # FSDP: the full weights every rank helped gather
+            self.model.save_pretrained(path, state_dict=weights)
         self.tokenizer.save_pretrained(path)
         write_info(path, self.base_name, self.cfg.method, self.state.step)
 
