@@ -629,7 +629,7 @@ def measure_quant_quality(s: Settings) -> dict:
     nll = {"transformers": F.cross_entropy(ref[:-1], ids[0, 1:]).item()}
     agree = {}
     for q in (None, "int8", "int8-dynamic"):
-        dec = fast.FastLlamaDecoder(lm.model, 1, ids.shape[1], quantize=q)
+        dec = fast.FastDecoder(lm.model, 1, ids.shape[1], quantize=q)
         with torch.inference_mode():
             out = lm.model(ids[:, :1], use_cache=True)
         dec.load_cache(out["cache"] if "cache" in out else out.past_key_values)  # "cache" from transformers 5.24

@@ -37,7 +37,7 @@ class Architecture:
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     Architecture("llama", "model.layers", _LLAMA_PROJECTIONS, fast_decode=True, gguf="llama"),
     # GPT-2's projections are Conv1D layers (peft sets fan_in_fan_out for them).
-    Architecture("gpt2", "transformer.h", ("c_attn", "c_proj", "c_fc"), gguf="gpt2"),
+    Architecture("gpt2", "transformer.h", ("c_attn", "c_proj", "c_fc"), fast_decode=True, gguf="gpt2"),
     Architecture("mistral", "model.layers", _LLAMA_PROJECTIONS),
     Architecture("qwen2", "model.layers", _LLAMA_PROJECTIONS),
     Architecture("qwen3", "model.layers", _LLAMA_PROJECTIONS),

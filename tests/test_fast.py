@@ -1,4 +1,5 @@
-"""The lean Llama decode step: same logits as transformers, and the int8 variant close to them."""
+"""The lean Llama decode step: same logits as transformers, and the int8 variant close to them.
+(GPT-2's, on the same decoders: tests/test_fast_gpt2.py.)"""
 
 import pytest
 import torch
@@ -18,8 +19,14 @@ def llama(tiny_model_dirs):
 
 
 def test_supported_architectures(llama, tiny_gpt2):
+    """Llama and GPT-2 (tests/test_fast_gpt2.py) have the lean step; other architectures do not."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
     assert fast.supports(llama.model)
-    assert not fast.supports(tiny_gpt2)
+    assert fast.supports(tiny_gpt2)
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                            intermediate_size=64))
+    assert not fast.supports(neox)
 
 
 def _decode_both_ways(lm, prompts, steps, **options):
@@ -29,7 +36,7 @@ def _decode_both_ways(lm, prompts, steps, **options):
     ids, mask = left_pad([tok(p)["input_ids"] for p in prompts], tok.pad_token_id, "cpu")
     ref_logits, cache = forward_step(lm.model, ids, mask)
     _, cache2 = forward_step(lm.model, ids, mask)
-    dec = fast.FastLlamaDecoder(lm.model, batch=len(prompts), max_len=ids.shape[1] + steps, **options)
+    dec = fast.FastDecoder(lm.model, batch=len(prompts), max_len=ids.shape[1] + steps, **options)
     dec.load_cache(cache2)
     for _ in range(steps):
         nxt = ref_logits.argmax(-1, keepdim=True)
@@ -97,8 +104,8 @@ def test_engine_uses_the_fast_step_and_matches_the_slow_path(llama, monkeypatch,
     scale, test_step_logits_match_transformers), so equal tokens are asserted only where the
     reference's top two candidates are further apart than that: checked, not assumed."""
     calls = []
-    real = fast.SlotLlamaDecoder.decode
-    monkeypatch.setattr(fast.SlotLlamaDecoder, "decode", lambda self, *a: calls.append(self.packed) or real(self, *a))
+    real = fast.SlotDecoder.decode
+    monkeypatch.setattr(fast.SlotDecoder, "decode", lambda self, *a: calls.append(self.packed) or real(self, *a))
     prompts = (PROMPTS * rows)[:rows]
     cfg = DecodingConfig(greedy=True, max_new_tokens=10, stop_at_eos=False)
     quick = generate(llama, prompts, cfg)
@@ -187,8 +194,8 @@ def test_finished_rows_leave_the_batch(llama, monkeypatch):
     stop = full[0].text[1:4]
     assert stop and stop not in full[1].text  # the premise: only row 0 meets the stop string
     sizes = []
-    real = fast.SlotLlamaDecoder.decode
-    monkeypatch.setattr(fast.SlotLlamaDecoder, "decode",
+    real = fast.SlotDecoder.decode
+    monkeypatch.setattr(fast.SlotDecoder, "decode",
                         lambda self, slots, tokens: sizes.append(len(slots)) or real(self, slots, tokens))
     stopped = generate(llama, PROMPTS, DecodingConfig(greedy=True, max_new_tokens=10, stop_at_eos=False, stop=[stop]))
     assert stopped[0].finish_reason == "stop" and stopped[1].text == full[1].text
@@ -200,7 +207,7 @@ def test_slots_let_sequences_join_and_leave_between_steps(llama, quantize, tol):
     """Continuous batching: sequences of different lengths, one joining after three steps and one
     leaving after four, each decoded at its own positions; every step's logits against transformers'
     forward over that sequence alone."""
-    dec = fast.SlotLlamaDecoder(llama.model, slots=4, max_len=64, quantize=quantize)
+    dec = fast.SlotDecoder(llama.model, slots=4, max_len=64, quantize=quantize)
     seqs = {0: [5, 6, 7], 2: [8, 9, 10, 11, 12, 13]}
     logits = {s: dec.prefill(s, ids) for s, ids in seqs.items()}
     for step in range(8):

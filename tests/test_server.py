@@ -91,7 +91,7 @@ def test_models_and_health(server, client, llama_id, tiny_model_dirs):
     assert [m.id for m in client.models.list().data] == [llama_id, str(tiny_model_dirs["gpt2"])]
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["models"][llama_id]["batched"] is True
-    assert health["models"][str(tiny_model_dirs["gpt2"])]["batched"] is False  # no lean step: one at a time
+    assert health["models"][str(tiny_model_dirs["gpt2"])]["batched"] is True  # GPT-2 has the lean step too
 
 
 def test_completion_equals_styletune_generate(client, lm, llama_id):
@@ -185,7 +185,7 @@ def test_chat_template_is_rendered_in_the_sandbox(tokenizer):
         render_chat(tok, [{"role": "user", "content": "hi"}])
 
 
-def test_a_model_without_the_lean_step_is_served_too(client, tiny_model_dirs):
+def test_a_second_architecture_is_served_beside_the_first(client, tiny_model_dirs):
     gpt2 = str(tiny_model_dirs["gpt2"])
     r = client.completions.create(model=gpt2, prompt=PROMPTS[0], max_tokens=6, seed=1)
     lm = load_model(gpt2, device="cpu", dtype="float32")

@@ -1,12 +1,12 @@
 """The decode loop: KV cache, batching, per-sample seeds, streaming, stop strings, traces.
 
 One loop serves greedy, sampling and epsilon-greedy decoding; beam search lives
-in :mod:`styletune.decoding.strategies`. Models with the lean decode step decode from
-per-sequence KV slots (:class:`~styletune.decoding.fast.SlotLlamaDecoder`, the engine the
-server's scheduler runs too): each row at its own positions, finished rows leaving the
-batch. Other models (and ``--compile``) decode one left-padded batch. Each sample gets its
-own ``torch.Generator`` seeded with ``seed + i``, so a sample's text does not depend on what
-else is in the batch.
+in :mod:`styletune.decoding.strategies`. Models with the lean decode step (Llama and GPT-2)
+decode from per-sequence KV slots (:class:`~styletune.decoding.fast.SlotDecoder`, the engine the
+server's scheduler runs too): each row at its own positions, finished rows leaving the batch.
+Other models (and ``--compile``) decode one left-padded batch. Each sample gets its own
+``torch.Generator`` seeded with ``seed + i``, so a sample's text does not depend on what else
+is in the batch.
 """
 
 from __future__ import annotations
@@ -292,8 +292,8 @@ def _slot_decoder(lm, rows: list[list[int]], max_new_tokens: int):
 
     if not getattr(lm, "fast_decode", False) or getattr(lm, "compile", False) or not fast.supports(lm.model):
         return None
-    decoder = fast.SlotLlamaDecoder(lm.model, len(rows), max(len(r) for r in rows) + max_new_tokens,
-                                    quantize=getattr(lm, "quantize", None))
+    decoder = fast.SlotDecoder(lm.model, len(rows), max(len(r) for r in rows) + max_new_tokens,
+                               quantize=getattr(lm, "quantize", None))
     logits, first = [], {}
     for slot, ids in enumerate(rows):
         key = tuple(ids)
@@ -312,8 +312,8 @@ def _fast_decoder(lm, cache, batch: int, max_len: int):
 
     if not getattr(lm, "fast_decode", False) or not fast.supports(lm.model) or not hasattr(cache, "layers"):
         return None
-    decoder = fast.FastLlamaDecoder(lm.model, batch, max_len, quantize=getattr(lm, "quantize", None),
-                                    compile=getattr(lm, "compile", False))
+    decoder = fast.FastDecoder(lm.model, batch, max_len, quantize=getattr(lm, "quantize", None),
+                               compile=getattr(lm, "compile", False))
     decoder.load_cache(cache)
     return decoder
 

@@ -9,8 +9,9 @@ Tokens are chosen exactly as :func:`styletune.decoding.engine.generate` chooses 
 processors, one generator per sample seeded with ``seed + i``, the same draws), so a request
 gives the text ``styletune generate`` gives with the same settings and seed.
 
-Models without the lean decode step (GPT-2 and others) and beam search are served one request
-at a time through ``generate`` on the same thread.
+Models with the lean decode step (Llama and GPT-2 families, :func:`styletune.decoding.fast.supports`)
+are batched; other models and beam search are served one request at a time through ``generate``
+on the same thread.
 """
 
 from __future__ import annotations
@@ -114,8 +115,8 @@ class Scheduler:
         self.free = list(range(max_concurrency))
         self.batched = bool(getattr(lm, "fast_decode", True)) and fast.supports(lm.model)
         self.max_len = min(max_len, lm.context_length)
-        self.decoder = (fast.SlotLlamaDecoder(lm.model, max_concurrency, self.max_len,
-                                              quantize=getattr(lm, "quantize", None)) if self.batched else None)
+        self.decoder = (fast.SlotDecoder(lm.model, max_concurrency, self.max_len,
+                                         quantize=getattr(lm, "quantize", None)) if self.batched else None)
         self.steps = 0
         self.max_batch_seen = 0
         self._wake = threading.Event()
