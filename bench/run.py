@@ -1219,7 +1219,7 @@ def measure_data_rss_100x(s: Settings) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# The registry: name -> (group, role, function), in the order they run
+# Several processes, and time to quality
 
 
 def _train_processes(s: Settings, nproc: int) -> dict:
@@ -1385,6 +1385,9 @@ def time_to_quality(results: dict) -> str | None:
         return head + "did not reach it within its run"
     return head + f"reached it after {reached:.0f} s of training ({reached / int(longest):.2f} of the time)"
 
+
+# ---------------------------------------------------------------------------------------------
+# The registry: name -> (group, role, function), in the order they run
 
 MEASUREMENTS = {
     "trainer_padded": ("train", "reference", measure_trainer_padded),
