@@ -202,12 +202,14 @@ def test_finished_rows_leave_the_batch(llama, monkeypatch):
     assert sizes[0] == 2 and sizes[-1] == 1 and len(sizes) == 9
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # rotary positions, and GPT-2's learned ones
 @pytest.mark.parametrize("quantize,tol", [(None, 1e-5), ("int8", 5e-2), ("int8-dynamic", 5e-2)])
-def test_slots_let_sequences_join_and_leave_between_steps(llama, quantize, tol):
+def test_slots_let_sequences_join_and_leave_between_steps(tiny_model_dirs, family, quantize, tol):
     """Continuous batching: sequences of different lengths, one joining after three steps and one
     leaving after four, each decoded at its own positions; every step's logits against transformers'
     forward over that sequence alone."""
-    dec = fast.SlotDecoder(llama.model, slots=4, max_len=64, quantize=quantize)
+    lm = load_model(str(tiny_model_dirs[family]), device="cpu", dtype="float32")
+    dec = fast.SlotDecoder(lm.model, slots=4, max_len=64, quantize=quantize)
     seqs = {0: [5, 6, 7], 2: [8, 9, 10, 11, 12, 13]}
     logits = {s: dec.prefill(s, ids) for s, ids in seqs.items()}
     for step in range(8):
@@ -218,7 +220,7 @@ def test_slots_let_sequences_join_and_leave_between_steps(llama, quantize, tol):
             del seqs[0], logits[0]
         for s in seqs:
             with torch.no_grad():
-                ref = llama.model(torch.tensor([seqs[s]])).logits[0, -1]
+                ref = lm.model(torch.tensor([seqs[s]])).logits[0, -1]
             assert (logits[s] - ref).abs().max() <= tol * ref.abs().max(), (step, s)
         tokens = {s: int(logits[s].argmax()) for s in seqs}
         out = dec.decode(list(seqs), [tokens[s] for s in seqs])

@@ -131,31 +131,6 @@ def test_config_options_match_transformers(tokenizer, config):
         assert _close(got, ref, 1e-5)
 
 
-@pytest.mark.parametrize("quantize,tol", [(None, 1e-5), ("int8", 5e-2), ("int8-dynamic", 5e-2)])
-def test_slots_let_sequences_join_and_leave_between_steps(gpt2, quantize, tol):
-    """Continuous batching on GPT-2: each slot at its own learned positions; every step's logits
-    against transformers' forward over that sequence alone."""
-    dec = fast.SlotDecoder(gpt2.model, slots=4, max_len=40, quantize=quantize)
-    seqs = {0: [5, 6, 7], 2: [8, 9, 10, 11, 12, 13]}
-    logits = {s: dec.prefill(s, ids) for s, ids in seqs.items()}
-    for step in range(8):
-        if step == 3:
-            seqs[1] = [20, 21]
-            logits[1] = dec.prefill(1, seqs[1])
-        if step == 4:
-            del seqs[0], logits[0]
-        for s in seqs:
-            with torch.no_grad():
-                ref = gpt2.model(torch.tensor([seqs[s]])).logits[0, -1]
-            assert _close(logits[s], ref, tol), (step, s)
-        tokens = {s: int(logits[s].argmax()) for s in seqs}
-        out = dec.decode(list(seqs), [tokens[s] for s in seqs])
-        for b, s in enumerate(seqs):
-            seqs[s].append(tokens[s])
-            logits[s] = out[b]
-    assert dec.lengths[2] == 6 + 8 and dec.lengths[1] == 2 + 5
-
-
 def _assert_no_near_ties(model, ids: list[int], continuation: list[int]) -> None:
     """The premise of comparing greedy tokens: along the reference's path the top two logits are
     further apart than the two computations differ (~1e-7 of their scale)."""
