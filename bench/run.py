@@ -584,8 +584,19 @@ def measure_hf_generate_b1(s: Settings) -> dict:
 
 
 def measure_styletune_generate_b1(s: Settings) -> dict:
-    """styletune's decode loop on one prompt (``load_model(dtype="auto")`` + ``generate``)."""
+    """styletune's decode loop on one prompt with the command line's defaults (``--dtype auto
+    --quantize auto``: ``load_model(quantize="auto")`` + ``generate``)."""
+    return _styletune_generate(s, [PROMPT], quantize="auto")
+
+
+def measure_styletune_generate_b1_exact(s: Settings) -> dict:
+    """One prompt with ``--quantize none``: the exact model, the same tokens as transformers."""
     return _styletune_generate(s, [PROMPT])
+
+
+def measure_styletune_generate_b1_int4(s: Settings) -> dict:
+    """One prompt with ``--quantize int4`` (group-wise int4 weights, as llama.cpp's Q4 blocks)."""
+    return _styletune_generate(s, [PROMPT], quantize="int4")
 
 
 def measure_styletune_generate_b1_int8(s: Settings) -> dict:
@@ -607,10 +618,15 @@ def measure_styletune_generate_b1_int8dyn_compile(s: Settings) -> dict:
     return _styletune_generate(s, [PROMPT], quantize="int8-dynamic", compile=True)
 
 
-def measure_quant_quality(s: Settings) -> dict:
-    """What quantised decoding costs in quality: perplexity of the first 400 tokens of the
-    training corpus, fed token by token through styletune's decode step (exact, int8,
-    int8-dynamic), against transformers' forward on the same tokens."""
+QUALITY_TOKENS = 1000
+
+
+def measure_quant_quality(s: Settings, model: str | None = None) -> dict:
+    """What each weight format of the decode step costs in quality: perplexity of the first
+    ``QUALITY_TOKENS`` tokens of the training corpus, fed token by token through styletune's decode
+    step (exact, auto, int4, int8, int8-dynamic), against transformers' forward on the same tokens.
+    The headline is ``--quantize auto`` (the default) over exact; the rule the default follows is
+    "the fastest format within 1% of exact perplexity"."""
     import math
 
     import torch
@@ -619,16 +635,16 @@ def measure_quant_quality(s: Settings) -> dict:
     from styletune.decoding import fast
     from styletune.models import load_model
 
-    lm = load_model(s.styletune_model, device="cpu", dtype="float32")
+    lm = load_model(model or s.styletune_model, device="cpu", dtype="float32")
     if not fast.supports(lm.model):
         return {"skipped": "the model has no lean decode step (quantisation does not apply)"}
-    text = " ".join(read_jokes(s.corpus_csv)[:60])
-    ids = lm.tokenizer(text, return_tensors="pt").input_ids[:, :400]
+    text = " ".join(read_jokes(s.corpus_csv)[:200])
+    ids = lm.tokenizer(text, return_tensors="pt").input_ids[:, :QUALITY_TOKENS]
     with torch.inference_mode():
         ref = lm.model(ids).logits[0].float()
     nll = {"transformers": F.cross_entropy(ref[:-1], ids[0, 1:]).item()}
     agree = {}
-    for q in (None, "int8", "int8-dynamic"):
+    for q in (None, "auto", "int4", "int8", "int8-dynamic"):
         dec = fast.FastDecoder(lm.model, 1, ids.shape[1], quantize=q)
         with torch.inference_mode():
             out = lm.model(ids[:, :1], use_cache=True)
@@ -642,16 +658,24 @@ def measure_quant_quality(s: Settings) -> dict:
         agree[name] = (logits.argmax(-1) == ref[:-1].argmax(-1)).float().mean().item()
     ppl = {k: math.exp(v) for k, v in nll.items()}
     return {
-        "value": ppl["int8-dynamic"] / ppl["transformers"], "unit": "x perplexity (int8-dynamic / fp32)",
+        "value": ppl["auto"] / ppl["exact"], "unit": "x perplexity (auto / exact)",
+        "perplexity": ppl,
         "timing": f"{ids.shape[1]} tokens of the corpus, teacher-forced",
         "notes": "perplexity " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items())
                  + "; top-1 agreement with transformers " + ", ".join(f"{k} {v:.1%}" for k, v in agree.items()),
     }
 
 
+def measure_quant_quality_tuned(s: Settings) -> dict:
+    """``quant_quality`` on the tuned run (its merged LoRA weights are off the 4-bit grid)."""
+    if s.gguf is None:
+        return {"skipped": f"no tuned run for --model {s.model}"}
+    return measure_quant_quality(s, model=str(_tuned_run(s)))
+
+
 def measure_styletune_generate_b8(s: Settings) -> dict:
-    """styletune's decode loop on 8 different prompts at once (left-padded): 8 x new_tokens / time."""
-    return _styletune_generate(s, PROMPTS_B8)
+    """styletune's decode loop on 8 different prompts at once, default flags: 8 x new_tokens / time."""
+    return _styletune_generate(s, PROMPTS_B8, quantize="auto")
 
 
 def measure_styletune_generate_b8_int8dyn_compile(s: Settings) -> dict:
@@ -722,10 +746,11 @@ def _tuned_run(s: Settings) -> Path:
 
 
 def measure_styletune_tuned_b1(s: Settings) -> dict:
-    """styletune's own batch-1 greedy decoding of a tuned run (exact fp32, the default)."""
+    """styletune's own batch-1 greedy decoding of a tuned run, default flags (``--quantize auto``:
+    a merged LoRA is off the 4-bit grid, so int8)."""
     if s.gguf is None:
         return {"skipped": f"no GGUF export row for --model {s.model}"}
-    return _styletune_generate(s, [PROMPT], model=str(_tuned_run(s)))
+    return _styletune_generate(s, [PROMPT], model=str(_tuned_run(s)), quantize="auto")
 
 
 def measure_llamacpp_tuned_q8_0_b1(s: Settings) -> dict:
@@ -1407,10 +1432,13 @@ MEASUREMENTS = {
     "quality_styletune": ("quality", "styletune", measure_quality_styletune),
     "hf_generate_b1": ("generate", "reference", measure_hf_generate_b1),
     "styletune_generate_b1": ("generate", "styletune", measure_styletune_generate_b1),
+    "styletune_generate_b1_exact": ("generate", "styletune", measure_styletune_generate_b1_exact),
+    "styletune_generate_b1_int4": ("generate", "styletune", measure_styletune_generate_b1_int4),
     "styletune_generate_b1_int8": ("generate", "styletune", measure_styletune_generate_b1_int8),
     "styletune_generate_b1_int8dyn": ("generate", "styletune", measure_styletune_generate_b1_int8dyn),
     "styletune_generate_b1_int8dyn_compile": ("generate", "styletune", measure_styletune_generate_b1_int8dyn_compile),
     "quant_quality": ("generate", "styletune", measure_quant_quality),
+    "quant_quality_tuned": ("generate", "styletune", measure_quant_quality_tuned),
     "styletune_generate_b8": ("generate", "styletune", measure_styletune_generate_b8),
     "styletune_generate_b8_int8dyn_compile": ("generate", "styletune", measure_styletune_generate_b8_int8dyn_compile),
     "hf_generate_b8": ("generate", "reference", measure_hf_generate_b8),
@@ -1467,7 +1495,9 @@ RATIOS = [
     ("time to quality: plain loop / styletune, best val ppl at the longest mark", "quality_plain_loop",
      "quality_styletune", "held-out perplexity after the same training time (> 1: styletune lower)"),
     ("styletune_b1 / hf_b1", "styletune_generate_b1", "hf_generate_b1",
-     "batch-1 greedy tokens/s vs transformers generate"),
+     "batch-1 greedy tokens/s, default flags, vs transformers generate"),
+    ("styletune_b1_exact / hf_b1", "styletune_generate_b1_exact", "hf_generate_b1",
+     "batch-1 greedy tokens/s, --quantize none (the same tokens), vs transformers generate"),
     ("hf_b1 static+compile / hf_b1", "hf_generate_b1_static_compile", "hf_generate_b1",
      "transformers' own fast path (static cache, compiled forward) vs its default generate"),
     ("styletune_b1 / hf_b1 static+compile", "styletune_generate_b1", "hf_generate_b1_static_compile",
@@ -1475,7 +1505,11 @@ RATIOS = [
     ("styletune_b1_int8dyn_compile / hf_b1 static+compile", "styletune_generate_b1_int8dyn_compile",
      "hf_generate_b1_static_compile", "--quantize int8-dynamic --compile vs transformers at its best"),
     ("styletune_b1 / llamacpp", "styletune_generate_b1", "llamacpp_b1",
-     "batch-1 tokens/s vs llama.cpp on the Q4_1 GGUF"),
+     "batch-1 tokens/s, default flags (--quantize auto), vs llama.cpp on the Q4_1 GGUF"),
+    ("styletune_b1_exact / llamacpp", "styletune_generate_b1_exact", "llamacpp_b1",
+     "batch-1 tokens/s, exact fp32, vs llama.cpp on the Q4_1 GGUF"),
+    ("styletune_b1_int4 / llamacpp", "styletune_generate_b1_int4", "llamacpp_b1",
+     "batch-1 tokens/s, --quantize int4 vs llama.cpp, both on 4-bit weights"),
     ("styletune_b1_int8 / llamacpp", "styletune_generate_b1_int8", "llamacpp_b1",
      "batch-1 tokens/s, both on quantised weights (int8 vs Q4_1)"),
     ("styletune_b1_int8 / hf_b1", "styletune_generate_b1_int8", "hf_generate_b1",
@@ -1497,7 +1531,7 @@ RATIOS = [
     ("load: hf_dir / styletune", "load_time", "load_time_hf_dir",
      "plain from_pretrained of the same dir vs load_model (~1 = no overhead)"),
     ("tuned run b1: styletune / llama.cpp Q8_0", "styletune_tuned_b1", "llamacpp_tuned_q8_0_b1",
-     "the same tuned run decoded by styletune (fp32) vs its `styletune export --quant q8_0` file in llama.cpp"),
+     "the same tuned run decoded by styletune (default flags) vs its `styletune export --quant q8_0` file in llama.cpp"),
     ("serve: 8 streams / 1", "serve_c8", "serve_c1", "aggregate tokens/s of 8 concurrent streaming clients vs 1"),
     ("serve: 32 streams / 1", "serve_c32", "serve_c1",
      "aggregate tokens/s of 32 concurrent streaming clients vs 1 (> 1: batched, not serialised)"),
@@ -1685,10 +1719,10 @@ def ratio(results: dict, a: str, b: str) -> float | None:
 
 
 def same_greedy_text(results: dict) -> str | None:
-    """Do styletune and transformers produce the same greedy tokens for the batch-1 prompt?
-    Compared up to the first EOS (transformers' min_new_tokens forbids EOS, styletune's
-    stop_at_eos=False lets it through, so the two may part ways there)."""
-    a, b = results.get("styletune_generate_b1"), results.get("hf_generate_b1")
+    """Do styletune's exact decoding (``--quantize none``) and transformers produce the same greedy
+    tokens for the batch-1 prompt? Compared up to the first EOS (transformers' min_new_tokens forbids
+    EOS, styletune's stop_at_eos=False lets it through, so the two may part ways there)."""
+    a, b = results.get("styletune_generate_b1_exact"), results.get("hf_generate_b1")
     if not a or not b or "token_ids" not in a or "token_ids" not in b:
         return None
     ids_a, ids_b = a["token_ids"], b["token_ids"]
@@ -1772,7 +1806,7 @@ def render(s: Settings, results: dict, env: dict, total_s: float, host: str, dat
         out.append(f"| {label} | {shown} | {meaning} |")
     check = same_greedy_text(results)
     if check:
-        out += ["", f"Greedy output of styletune b1 identical to transformers b1: {check}."]
+        out += ["", f"Greedy output of styletune b1 --quantize none identical to transformers b1: {check}."]
     quality = time_to_quality(results)
     if quality:
         out += ["", f"Time to quality: {quality}."]

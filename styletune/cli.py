@@ -91,9 +91,11 @@ def model_options(f):
 
 # Generation only: the quantised copies serve the decode step; probe reads the exact model.
 quantize_option = click.option(
-    "--quantize", type=click.Choice(QUANTIZE_CHOICES), default="none", show_default=True,
-    help="Llama-family decoding on CPU with int8 weights (int8: ~1% logit error) or int8 weights "
-         "and activations (int8-dynamic: faster, perplexity ~+2%).")
+    "--quantize", type=click.Choice(QUANTIZE_CHOICES), default="auto", show_default=True,
+    help="Weights of the CPU decode step (Llama and GPT-2 families). auto: int4 for matrices already on a "
+         "4-bit grid (a model from a Q4 GGUF, the default one included), int8 for the rest (perplexity "
+         "within ~0.5%); none: the exact fp32 model; int4: group-wise int4 everywhere (lossy for other "
+         "models); int8: weight-only int8; int8-dynamic: int8 activations too (perplexity ~+2%).")
 
 
 DECODING_FLAGS = ("max_new_tokens", "greedy", "temperature", "top_k", "top_p", "min_p", "eps", "num_beams",

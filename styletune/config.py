@@ -16,8 +16,10 @@ from .errors import StyletuneError
 
 DEFAULT_MODEL = "smollm2-135m"
 
-QUANTIZE_CHOICES = ("none", "int8", "int8-dynamic")
-"""``--quantize`` values: exact decoding, weight-only int8, int8 weights and activations."""
+QUANTIZE_CHOICES = ("auto", "none", "int4", "int8", "int8-dynamic")
+"""``--quantize`` values: the fastest storage that keeps quality (int4 for matrices already on a 4-bit
+grid, weight-only int8 for the rest), exact decoding, group-wise int4, weight-only int8, int8 weights
+and activations."""
 
 
 def check_quantize(value: str | None) -> str | None:

@@ -46,7 +46,8 @@ def _decode_both_ways(lm, prompts, steps, **options):
 
 
 @pytest.mark.parametrize("quantize,tol,compile,batch", [
-    (None, 1e-5, False, 2), ("int8", 5e-2, False, 2), ("int8-dynamic", 5e-2, False, 2), (None, 1e-5, True, 2),
+    (None, 1e-5, False, 2), ("int8", 5e-2, False, 2), ("int8-dynamic", 5e-2, False, 2), ("int4", 3e-1, False, 2),
+    ("auto", 5e-2, False, 2), ("int4", 3e-1, True, 2), (None, 1e-5, True, 2),
     ("int8-dynamic", 5e-2, True, 2), (None, 1e-5, False, 5), (None, 1e-5, True, 5)])
 def test_step_logits_match_transformers(llama, quantize, tol, compile, batch, recwarn):
     """Decode 6 tokens for a left-padded batch both ways and compare every step's logits.
@@ -125,8 +126,8 @@ def test_engine_uses_the_fast_step_and_matches_the_slow_path(llama, monkeypatch,
     assert [s.token_ids for s in quick] == [s.token_ids for s in slow]
 
 
-@pytest.mark.parametrize("quantize", ["int8", "int8-dynamic"])
-def test_int8_options_generate(tiny_model_dirs, quantize):
+@pytest.mark.parametrize("quantize", ["int8", "int8-dynamic", "int4", "auto"])
+def test_quantized_options_generate(tiny_model_dirs, quantize):
     lm = load_model(str(tiny_model_dirs["llama"]), device="cpu", dtype="float32", quantize=quantize)
     assert lm.quantize == quantize
     [s] = generate(lm, [PROMPTS[0]], DecodingConfig(greedy=True, max_new_tokens=8, stop_at_eos=False))
@@ -160,8 +161,8 @@ def test_cli_compile_and_quantize_flags(tiny_model_dirs):
                                   "-n", "5", "--quantize", "int8-dynamic", "--compile", "--json"])
     assert r.exit_code == 0, r.output
     assert '"text"' in r.output
-    bad = CliRunner().invoke(main, ["generate", "x", "--model", str(tiny_model_dirs["llama"]), "--quantize", "int4"])
-    assert bad.exit_code == 2 and "int8-dynamic" in bad.output
+    bad = CliRunner().invoke(main, ["generate", "x", "--model", str(tiny_model_dirs["llama"]), "--quantize", "int3"])
+    assert bad.exit_code == 2 and "int8-dynamic" in bad.output and "Traceback" not in bad.output
 
 
 def test_one_packed_copy_per_model(tiny_model_dirs):
@@ -203,7 +204,7 @@ def test_finished_rows_leave_the_batch(llama, monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])  # rotary positions, and GPT-2's learned ones
-@pytest.mark.parametrize("quantize,tol", [(None, 1e-5), ("int8", 5e-2), ("int8-dynamic", 5e-2)])
+@pytest.mark.parametrize("quantize,tol", [(None, 1e-5), ("int8", 5e-2), ("int8-dynamic", 5e-2), ("int4", 3e-1)])
 def test_slots_let_sequences_join_and_leave_between_steps(tiny_model_dirs, family, quantize, tol):
     """Continuous batching: sequences of different lengths, one joining after three steps and one
     leaving after four, each decoded at its own positions; every step's logits against transformers'
@@ -228,3 +229,62 @@ def test_slots_let_sequences_join_and_leave_between_steps(tiny_model_dirs, famil
             seqs[s].append(tokens[s])
             logits[s] = out[b]
     assert dec.lengths[2] == 6 + 8 and dec.lengths[1] == 2 + 5
+
+
+def _on_q4_1_grid(model):
+    """The model with every matrix the decode step quantises snapped to a Q4_1-like grid: per group of
+    32 inputs, 16 evenly spaced values from the group's minimum, step and minimum rounded to fp16 as a
+    GGUF stores them (what the bundled SmolLM2, dequantised from Q4_1, looks like)."""
+    import copy
+
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() != 2 or p.shape[1] % fast.INT4_GROUP:
+                continue
+            g = p.reshape(p.shape[0], -1, fast.INT4_GROUP)
+            lo = g.amin(-1, keepdim=True).half().float()
+            step = ((g.amax(-1, keepdim=True) - lo) / 15).half().float().clamp(min=1e-6)  # (an all-zero row)
+            q = torch.round((g - lo) / step).clamp(0, 15)
+            p.copy_((q * step + lo).reshape(p.shape))
+    return model
+
+
+def test_auto_stores_int4_only_where_it_loses_nothing(llama):
+    """``--quantize auto``: matrices on a 4-bit grid go to int4, with logits as close to exact as
+    bf16 activations allow (int4 of weights off the grid is several times further off); other
+    matrices go to weight-only int8."""
+    snapped = _on_q4_1_grid(llama.model)
+    assert all(fast.on_int4_grid(p) for p in snapped.parameters() if p.dim() == 2)
+    assert not any(fast.on_int4_grid(p) for p in llama.model.parameters() if p.dim() == 2)
+
+    def worst(model, quantize):
+        ids = llama.tokenizer(PROMPTS[1], return_tensors="pt").input_ids
+        dec = fast.SlotDecoder(model, slots=1, max_len=ids.shape[1] + 1, quantize=quantize)
+        dec.prefill(0, ids[0, :-1].tolist())
+        got = dec.decode([0], [int(ids[0, -1])])[0]
+        with torch.no_grad():
+            ref = model(ids).logits[0, -1]
+        return float((got - ref).abs().max() / ref.abs().max()), dec
+
+    on_grid, dec = worst(snapped, "auto")
+    assert isinstance(dec.layers[0]["qkv"], fast._Int4Linear)
+    assert isinstance(dec.head, fast._Int4Linear)  # the tied embedding is snapped too here
+    off_grid, _ = worst(llama.model, "int4")
+    assert on_grid < 1e-2 and on_grid * 3 < off_grid, (on_grid, off_grid)
+    _, dec = worst(llama.model, "auto")
+    assert isinstance(dec.layers[0]["qkv"], fast._Int8Linear) and isinstance(dec.head, fast._Int8Linear)
+
+
+def test_auto_greedy_text_on_a_4bit_model_is_the_exact_text(train_model_dirs):
+    """On a model whose weights are on the 4-bit grid (larger weights, so that the next-token
+    distributions are peaked rather than near-uniform), the default (auto) decodes the same greedy
+    tokens as the exact step."""
+    import dataclasses
+
+    lm = load_model(str(train_model_dirs["llama"]), device="cpu", dtype="float32")
+    lm = dataclasses.replace(lm, model=_on_q4_1_grid(lm.model))
+    cfg = DecodingConfig(greedy=True, max_new_tokens=12, stop_at_eos=False)
+    texts = {q: [s.token_ids for s in generate(dataclasses.replace(lm, quantize=q), PROMPTS, cfg)]
+             for q in (None, "auto")}
+    assert texts["auto"] == texts[None]
