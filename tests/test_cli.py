@@ -7,6 +7,9 @@ import pytest
 from click.testing import CliRunner
 
 from styletune.cli import main
+from styletune.config import DecodingConfig
+from styletune.decoding.engine import generate
+from styletune.models import load_model
 
 
 @pytest.fixture
@@ -162,12 +165,23 @@ def test_output_is_not_clobbered_on_error(run, gpt2_dir, tmp_path):
     assert out.read_text() == "precious"
 
 
-def test_generate_quantized(run, tiny_model_dirs):
-    r = run("generate", "Once upon", "--model", tiny_model_dirs["llama"], "-n", "4", "--greedy", "--quantize", "int8",
-            "--json")
-    assert r.exit_code == 0, r.output
-    assert len(json.loads(r.output)["token_ids"]) == 4
-    bad = run("generate", "Once upon", "--model", tiny_model_dirs["llama"], "--quantize", "int4")
+def test_generate_quantized(run, tiny_model_dirs, monkeypatch):
+    """The command line decodes with ``--quantize auto`` unless told otherwise; ``none`` is the exact
+    model (the library's default), token for token; an unknown format is a one-line error."""
+    import styletune.models as models
+
+    loaded = []
+    monkeypatch.setattr(models, "load_model", lambda *a, **kw: loaded.append(kw["quantize"]) or load_model(*a, **kw))
+    args = ("generate", "Once upon", "--model", tiny_model_dirs["llama"], "-n", "4", "--greedy", "--json")
+    for extra in ((), ("--quantize", "int8"), ("--quantize", "none")):
+        r = run(*args, *extra)
+        assert r.exit_code == 0, r.output
+        assert len(json.loads(r.output)["token_ids"]) == 4
+    assert loaded == ["auto", "int8", "none"]
+    lm = load_model(str(tiny_model_dirs["llama"]), device="cpu", dtype="float32")
+    [exact] = generate(lm, ["Once upon"], DecodingConfig(greedy=True, max_new_tokens=4))
+    assert json.loads(r.output)["token_ids"] == exact.token_ids
+    bad = run("generate", "Once upon", "--model", tiny_model_dirs["llama"], "--quantize", "int3")
     assert bad.exit_code == 2
 
 
