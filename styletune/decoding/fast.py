@@ -386,20 +386,23 @@ class _Llama:
         emb = torch.cat([freqs, freqs], dim=-1)  # (max_len, head_dim)
         scale = getattr(rotary, "attention_scaling", 1.0)
         self.cos = (emb.cos() * scale).to(dtype)
-        self.sin = (emb.sin() * scale).to(dtype)
+        # rotate_half(x) * sin == roll(x, half) * sin_signed, with the first half's sign folded into
+        # the table: two operations per rotation fewer (the same products, exactly).
+        half = self.head_dim // 2
+        sin = (emb.sin() * scale).to(dtype)
+        self.sin_signed = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * h.to(x.dtype)
 
-    @staticmethod
-    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+        """transformers' ``x * cos + rotate_half(x) * sin``."""
+        return torch.addcmul(x * cos, x.roll(self.head_dim // 2, dims=-1), sin_signed)
 
     def embed(self, input_ids, pos):
-        rope = self.cos[pos][:, None, None, :], self.sin[pos][:, None, None, :]  # (B, 1, 1, hd) each
+        rope = self.cos[pos][:, None, None, :], self.sin_signed[pos][:, None, None, :]  # (B, 1, 1, hd) each
         return F.embedding(input_ids, self.embed_weight), rope
 
     def attn_in(self, L, x, rope):
@@ -414,9 +417,7 @@ class _Llama:
         k = k.view(b, 1, self.n_kv, hd).transpose(1, 2)  # (B, Hkv, 1, hd)
         v = v.view(b, 1, self.n_kv, hd).transpose(1, 2)
         cos, sin = rope
-        q = q * cos + self._rotate_half(q) * sin
-        k = k * cos + self._rotate_half(k) * sin
-        return q, k, v
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin), v
 
     def mlp(self, L, x):
         h = self._rms(x, L["ln2"])
@@ -596,11 +597,13 @@ class FastDecoder:
         self.length = t + 1
         return logits
 
-    def _step(self, input_ids, pos, where, mask, upto: int | None, slots: torch.Tensor | None = None) -> torch.Tensor:
+    def _step(self, input_ids, pos, where, mask, upto: int | None, slots: torch.Tensor | None = None,
+              rows: slice | None = None) -> torch.Tensor:
         """The arithmetic of one token: embedding, layers, head (the architecture's own parts in
         ``self.arch``). ``upto``: attend to the first ``upto`` cache positions (None: all of them, for
         fixed shapes). ``slots``: row b is the sequence in cache slot ``slots[b]``, at its own position
-        ``pos[b]`` (continuous batching); None: row b is slot b and every row writes at position ``where``."""
+        ``pos[b]`` (continuous batching); None: row b is slot b and every row writes at position ``where``.
+        ``rows``: the same slots as a slice, when they are consecutive."""
         arch = self.arch
         b = input_ids.shape[0]
         x, ctx = arch.embed(input_ids, pos)  # (B, 1, C)
@@ -613,7 +616,10 @@ class FastDecoder:
             else:
                 self.k[i][slots, :, pos] = k[:, :, 0]  # (B, Hkv, hd) into each row's slot and position
                 self.v[i][slots, :, pos] = v[:, :, 0]
-                keys, values = self.k[i][slots, :, :upto], self.v[i][slots, :, :upto]
+                if rows is not None:  # consecutive slots: a view of the cache, not a gathered copy
+                    keys, values = self.k[i][rows, :, :upto], self.v[i][rows, :, :upto]
+                else:
+                    keys, values = self.k[i][slots, :, :upto], self.v[i][slots, :, :upto]
             att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                  scale=arch.scales[i], enable_gqa=self.n_kv != self.n_heads)
             x = x + L["o"](att.transpose(1, 2).reshape(b, 1, self.n_heads * self.head_dim))
@@ -677,7 +683,9 @@ class SlotDecoder(FastDecoder):
         mask = None if bool((pos == pos[0]).all()) else (
             torch.arange(upto, device=device)[None, :] <= pos[:, None])[:, None, None, :]
         ids = torch.tensor(tokens, device=device)[:, None]
-        logits = self._forward(ids, pos, None, mask, upto, torch.tensor(slots, device=device))
+        consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
+        logits = self._forward(ids, pos, None, mask, upto, torch.tensor(slots, device=device),
+                               slice(slots[0], slots[0] + len(slots)) if consecutive else None)
         for s in slots:
             self.lengths[s] += 1
         return logits
