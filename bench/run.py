@@ -594,6 +594,12 @@ def measure_styletune_generate_b1_exact(s: Settings) -> dict:
     return _styletune_generate(s, [PROMPT])
 
 
+def measure_styletune_generate_b1_compile(s: Settings) -> dict:
+    """One prompt with ``--compile`` on top of the default ``--quantize auto``: the fastest flags whose
+    perplexity stays within 1% of exact (see ``quant_quality``)."""
+    return _styletune_generate(s, [PROMPT], quantize="auto", compile=True)
+
+
 def measure_styletune_generate_b1_int4(s: Settings) -> dict:
     """One prompt with ``--quantize int4`` (group-wise int4 weights, as llama.cpp's Q4 blocks)."""
     return _styletune_generate(s, [PROMPT], quantize="int4")
@@ -1434,6 +1440,7 @@ MEASUREMENTS = {
     "styletune_generate_b1": ("generate", "styletune", measure_styletune_generate_b1),
     "styletune_generate_b1_exact": ("generate", "styletune", measure_styletune_generate_b1_exact),
     "styletune_generate_b1_int4": ("generate", "styletune", measure_styletune_generate_b1_int4),
+    "styletune_generate_b1_compile": ("generate", "styletune", measure_styletune_generate_b1_compile),
     "styletune_generate_b1_int8": ("generate", "styletune", measure_styletune_generate_b1_int8),
     "styletune_generate_b1_int8dyn": ("generate", "styletune", measure_styletune_generate_b1_int8dyn),
     "styletune_generate_b1_int8dyn_compile": ("generate", "styletune", measure_styletune_generate_b1_int8dyn_compile),
@@ -1510,6 +1517,8 @@ RATIOS = [
      "batch-1 tokens/s, exact fp32, vs llama.cpp on the Q4_1 GGUF"),
     ("styletune_b1_int4 / llamacpp", "styletune_generate_b1_int4", "llamacpp_b1",
      "batch-1 tokens/s, --quantize int4 vs llama.cpp, both on 4-bit weights"),
+    ("styletune_b1_compile / llamacpp", "styletune_generate_b1_compile", "llamacpp_b1",
+     "batch-1 tokens/s, --compile on the default --quantize auto, vs llama.cpp"),
     ("styletune_b1_int8 / llamacpp", "styletune_generate_b1_int8", "llamacpp_b1",
      "batch-1 tokens/s, both on quantised weights (int8 vs Q4_1)"),
     ("styletune_b1_int8 / hf_b1", "styletune_generate_b1_int8", "hf_generate_b1",

@@ -45,9 +45,16 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         logits_buf = torch.empty(min(chunk, n), vocab, dtype=torch.float32, device=hidden.device)
         logp_buf = torch.empty_like(logits_buf)
         # The head's product goes straight into the buffer when nothing needs casting.
-        plain_fp32 = (hidden.dtype == weight.dtype == torch.float32
-                      and not torch.is_autocast_enabled(hidden.device.type)
+        autocast = torch.is_autocast_enabled(hidden.device.type)
+        plain_fp32 = (hidden.dtype == weight.dtype == torch.float32 and not autocast
                       and (bias is None or bias.dtype == torch.float32))
+        # Otherwise the product runs in the autocast (or the hidden states') dtype, as the model's own
+        # head would, on a copy of the weight cast once here: autocast caches only the casts of weights
+        # that need gradients, so a frozen head (LoRA) would be cast again by every chunk's product and
+        # gradient (a 49152x576 matrix: ~8 casts per micro-batch of 2048 rows).
+        low = torch.get_autocast_dtype(hidden.device.type) if autocast else hidden.dtype
+        weight_low = weight if plain_fp32 or weight.dtype == low else weight.detach().to(low)
+        bias_low = None if bias is None else bias.detach().to(low)
         for s in range(0, n, chunk):
             h = hidden[s:s + chunk]
             m = h.shape[0]
@@ -60,7 +67,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                     logits += bias
             else:
                 # Under autocast the matmul runs in bf16, like the model's own head; the loss is fp32.
-                logits.copy_(torch.nn.functional.linear(h, weight, bias))
+                with torch.autocast(hidden.device.type, enabled=False):
+                    logits.copy_(torch.nn.functional.linear(h.to(low), weight_low, bias_low))
             logp = torch.log_softmax(logits, dim=-1, out=logp_buf[:m])
             total -= logp.gather(1, safe_t)[:, 0].masked_fill(invalid, 0.0).sum()
             if not (need_h or need_w or need_b):
@@ -71,8 +79,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             if invalid.any():  # a full pass over g, so only when some row is ignored
                 g[invalid] = 0.0
             if need_h:
-                g_low = g.to(h.dtype) if h.dtype != torch.float32 else g
-                grad_h[s:s + chunk] = (g_low @ weight.to(g_low.dtype)).to(hidden.dtype)
+                # In the product's dtype (bf16 under autocast, as autocast's own backward would be),
+                # accumulated in fp32 inside the matrix product.
+                g_low = g if low == torch.float32 else g.to(low)
+                grad_h[s:s + chunk] = (g_low @ weight_low).to(hidden.dtype)
             if need_w:
                 grad_w.addmm_(g.t(), h.float())
             if need_b:

@@ -65,6 +65,28 @@ def test_chunked_loss_under_bf16_autocast_is_within_bf16_tolerance():
     assert fast == pytest.approx(fp32, rel=2e-2)
 
 
+def test_chunked_loss_gradients_under_bf16_autocast_follow_the_plain_ones():
+    """Under autocast the chunked head runs its products in bf16 (fp32 accumulation), forward and
+    backward, as autocast's own head does: the gradients agree with the plain loss's within bf16
+    rounding, and with a frozen head nothing is computed for it."""
+    from conftest import build_llama
+
+    model = build_llama(300, initializer_range=0.2).train()
+    model.lm_head.weight.requires_grad_(False)  # tied: the embedding is frozen too, as under LoRA
+    batch = torch.randint(0, 300, (2, 64), generator=torch.Generator().manual_seed(5))
+    grads = {}
+    for chunked in (False, True):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            causal_lm_loss(model, batch, chunked=chunked).backward()
+        grads[chunked] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys() and "lm_head.weight" not in grads[True]
+    for name, g in grads[False].items():
+        got = grads[True][name]
+        assert torch.nn.functional.cosine_similarity(got.flatten(), g.flatten(), dim=0) > 0.999, name
+        assert (got - g).norm() <= 3e-2 * g.norm(), name
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 64])
 def test_chunked_cross_entropy_with_ignored_targets_bias_and_head_gradients(chunk):
     g = torch.Generator().manual_seed(3)
