@@ -181,7 +181,7 @@ class LoadedModel:
     """The decode step's weight copies: ``auto``, ``int4``, ``int8``, ``int8-dynamic`` (see
     :mod:`styletune.decoding.fast`); None: the exact model's own weights."""
     compile: bool = False
-    """Run the lean decode step through ``torch.compile`` (pays off on long generations)."""
+    """Run the lean decode step compiled ahead of time (:mod:`styletune.decoding.compiled`)."""
     fast_decode: bool = True
     """Use the lean decode step of :mod:`styletune.decoding.fast` where the architecture allows."""
 
@@ -332,8 +332,8 @@ def load_model(name: str | None = None, device: str = "auto", dtype: str = "auto
             matrices already on a 4-bit grid, weight-only int8 for the rest), ``int4`` (group-wise),
             ``int8`` (weight-only) or ``int8-dynamic`` (int8 weights and per-token int8 activations):
             copies for the CPU decode step; the loaded weights stay as they are.
-        compile: ``torch.compile`` the decode step of Llama-family models (the first
-            generation pays the compilation, seconds with a warm cache, ~40 s without).
+        compile: compile the decode step ahead of time (:mod:`styletune.decoding.compiled`): ~40 s
+            once per model shape, format, batch and cache length, kept on disk; ~0.2 s to load after.
     """
     quantize = check_quantize(quantize)
     source = resolve(name)

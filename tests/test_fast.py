@@ -134,22 +134,68 @@ def test_quantized_options_generate(tiny_model_dirs, quantize):
     assert len(s.token_ids) == 8
 
 
-def test_a_failing_compiler_falls_back_to_eager_with_a_warning(llama, monkeypatch):
+def test_a_failing_compiler_falls_back_to_eager_with_a_warning(llama, monkeypatch, tmp_path):
+    """No C++ compiler: the ahead-of-time build fails, then torch.compile does; each says so once
+    and the tokens are the eager step's."""
+    from styletune.decoding import compiled
+
     def broken(fn, **kw):
         def run(*args):
             raise RuntimeError("no C++ compiler")
         return run
 
+    def no_compiler(*args):
+        raise RuntimeError("no C++ compiler")
+
     monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(compiled, "_build", no_compiler)
+    monkeypatch.setattr(compiled, "_LOADED", {})
+    monkeypatch.setattr(compiled, "_directory", lambda: tmp_path)  # nothing built yet
     cfg = DecodingConfig(greedy=True, max_new_tokens=6, stop_at_eos=False)
     eager = generate(llama, PROMPTS, cfg)
     llama.compile = True
     try:
-        with pytest.warns(UserWarning, match="torch.compile of the decode step failed"):
-            compiled = generate(llama, PROMPTS, cfg)
+        with pytest.warns(UserWarning) as caught:
+            compiled_out = generate(llama, PROMPTS, cfg)
     finally:
         llama.compile = False
-    assert [s.token_ids for s in compiled] == [s.token_ids for s in eager]
+    messages = [str(w.message) for w in caught]
+    assert any("ahead-of-time compilation of the decode step failed (RuntimeError: no C++ compiler)" in m
+               for m in messages)
+    assert any("torch.compile of the decode step failed" in m for m in messages)
+    assert [s.token_ids for s in compiled_out] == [s.token_ids for s in eager]
+
+
+def test_the_compiled_step_is_built_once_per_shape_and_serves_every_model_of_that_shape(llama, monkeypatch,
+                                                                                        tmp_path):
+    """--compile: one AOTInductor package per (shape, format, batch, cache length), on disk. A second
+    decoder, and another model of the same shape (other weights), reuse it without compiling, each
+    with its own weights (they are inputs of the step, not constants in it)."""
+    from conftest import build_llama
+
+    from styletune.decoding import compiled
+
+    monkeypatch.setattr(compiled, "_LOADED", {})
+    monkeypatch.setattr(compiled, "_directory", lambda: tmp_path)
+    other = build_llama(llama.model.config.vocab_size, seed=1)
+    builds = []
+    real_build = compiled._build
+    monkeypatch.setattr(compiled, "_build", lambda *a: builds.append(a[2]) or real_build(*a))
+    for model in (llama.model, other, llama.model):
+        for ref_logits, got, dec in _decode_both_ways(dataclass_lm(llama, model), PROMPTS, 3, compile=True):
+            assert (got - ref_logits).abs().max() <= 1e-5 * ref_logits.abs().max()
+        assert getattr(dec._forward, "package", None) is not None and dec._forward.package.is_file()
+    assert len(builds) == 1
+    monkeypatch.setattr(compiled, "_LOADED", {})  # a new process: loaded from disk, not rebuilt
+    list(_decode_both_ways(llama, PROMPTS, 1, compile=True))
+    list(_decode_both_ways(llama, PROMPTS, 1, compile=True, quantize="int8"))  # another format: another package
+    assert len(builds) == 2 and len(list(tmp_path.glob("*.pt2"))) == 2
+
+
+def dataclass_lm(lm, model):
+    import dataclasses
+
+    return dataclasses.replace(lm, model=model)
 
 
 def test_cli_compile_and_quantize_flags(tiny_model_dirs):

@@ -522,8 +522,8 @@ class FastDecoder:
     """Decode one token per row per call, with a static KV cache.
 
     Every tensor the step touches has a fixed shape (the cache holds ``max_len``
-    positions and a mask says which are filled), so the step can be handed to
-    ``torch.compile`` once and reused for every token.
+    positions and a mask says which are filled), so the step can be compiled once
+    and reused for every token.
 
     Args:
         model: a ``LlamaForCausalLM`` or ``GPT2LMHeadModel`` (see :func:`supports`), already on its
@@ -533,8 +533,9 @@ class FastDecoder:
             the model's positions, for GPT-2's learned ones).
         quantize: ``None`` (exact), ``"auto"``, ``"int4"``, ``"int8"`` or ``"int8-dynamic"`` (the
             ``--quantize`` values; see the module's docstring).
-        compile: run the step through ``torch.compile`` (fuses the small element-wise
-            operations between the matrix products; the first step pays the compilation).
+        compile: run the step compiled ahead of time by AOTInductor (:mod:`.compiled`; the
+            element-wise work between the products fused, no Python per token), built once per
+            shape and kept on disk; ``torch.compile`` where that fails.
     """
 
     def __init__(self, model, batch: int, max_len: int, quantize: str | None = None, compile: bool = False):
@@ -566,7 +567,12 @@ class FastDecoder:
         self.max_len = max_len
         self.length = 0
         self.compiled = compile
-        self._forward = _compiled(self._step) if compile else self._step
+        if compile:
+            from .compiled import compile_step
+
+            self._forward = compile_step(self, lambda: _compiled(self._step))
+        else:
+            self._forward = self._step
 
     def load_cache(self, cache) -> None:
         """Copy a transformers cache (after the prompt pass) into the static buffers."""
