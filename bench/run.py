@@ -493,7 +493,7 @@ def _styletune_generate(s: Settings, prompts: list[str], quantize: str | None = 
     lm = load_model(model or s.styletune_model, device="cpu", dtype=dtype, quantize=quantize, **kw)
     path = decode_path(lm)
     if compile and path.startswith("styletune.decoding.fast"):  # --compile applies to that step only
-        path += ", torch.compile"
+        path += ", --compile"
     if path == "styletune.decoding.fast" and not compile:
         from styletune.decoding import fast
 
