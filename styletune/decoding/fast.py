@@ -387,7 +387,7 @@ class _Llama:
         scale = getattr(rotary, "attention_scaling", 1.0)
         self.cos = (emb.cos() * scale).to(dtype)
         # rotate_half(x) * sin == roll(x, half) * sin_signed, with the first half's sign folded into
-        # the table: two operations per rotation fewer (the same products, exactly).
+        # the table: two operations per rotation fewer (the same arithmetic).
         half = self.head_dim // 2
         sin = (emb.sin() * scale).to(dtype)
         self.sin_signed = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
