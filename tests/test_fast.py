@@ -167,7 +167,7 @@ def test_a_failing_compiler_falls_back_to_eager_with_a_warning(llama, monkeypatc
 
 
 def test_the_compiled_step_is_built_once_per_shape_and_serves_every_model_of_that_shape(llama, monkeypatch,
-                                                                                        tmp_path):
+                                                                                        tmp_path, capsys):
     """--compile: one AOTInductor package per (shape, format, batch, cache length), on disk. A second
     decoder, and another model of the same shape (other weights), reuse it without compiling, each
     with its own weights (they are inputs of the step, not constants in it)."""
@@ -190,6 +190,8 @@ def test_the_compiled_step_is_built_once_per_shape_and_serves_every_model_of_tha
     list(_decode_both_ways(llama, PROMPTS, 1, compile=True))
     list(_decode_both_ways(llama, PROMPTS, 1, compile=True, quantize="int8"))  # another format: another package
     assert len(builds) == 2 and len(list(tmp_path.glob("*.pt2"))) == 2
+    # each build says so, once, on stderr; loading says nothing
+    assert capsys.readouterr().err.count("compiling the decode step for this model's shape (once") == 2
 
 
 def dataclass_lm(lm, model):

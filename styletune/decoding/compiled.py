@@ -152,7 +152,10 @@ def _build(decoder, tensors: list, path: Path, batch: int) -> None:
     pos = torch.zeros(batch, dtype=torch.long, device=decoder.device)
     where = torch.zeros(1, dtype=torch.long, device=decoder.device)
     kv = tuple(decoder.k + decoder.v)
-    print(f"compiling the decode step for this model's shape (once; kept in {path.parent})", file=sys.stderr)
+    # On a terminal the streamed prompt may be waiting on its line: start a new one.
+    lead = "\n" if sys.stdout.isatty() and sys.stderr.isatty() else ""
+    print(f"{lead}compiling the decode step for this model's shape (once, up to a minute; kept in {path.parent})",
+          file=sys.stderr, flush=True)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, inside export
         program = torch.export.export(_Step(decoder), (ids, pos, where, decoder.mask, kv, tuple(tensors)),
