@@ -102,7 +102,8 @@ class _Step(torch.nn.Module):
         d.arch, d.layers, d.head = _rebind(_state(self.decoder), iter(weights))
         n = len(d.layers)
         d.k, d.v = list(kv[:n]), list(kv[n:])
-        return type(self.decoder)._step(d, input_ids, pos, where, mask, None)
+        # Attend to the first mask.shape[-1] positions: a length the package takes at run time.
+        return type(self.decoder)._step(d, input_ids, pos, where, mask, mask.shape[-1])
 
 
 def _cpu() -> str:
@@ -156,10 +157,15 @@ def _build(decoder, tensors: list, path: Path, batch: int) -> None:
     lead = "\n" if sys.stdout.isatty() and sys.stderr.isatty() else ""
     print(f"{lead}compiling the decode step for this model's shape (once, up to a minute; kept in {path.parent})",
           file=sys.stderr, flush=True)
+    # The filled length is dynamic (2 .. cache length - 1): one package for every step of a generation,
+    # each attending only to the filled positions. Everything else has a fixed shape.
+    filled = torch.export.Dim("filled", min=2, max=decoder.max_len - 1)
+    mask = decoder.mask[..., :2].contiguous()
+    shapes = (None, None, None, {3: filled}, tuple(None for _ in kv), tuple(None for _ in tensors))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, inside export
-        program = torch.export.export(_Step(decoder), (ids, pos, where, decoder.mask, kv, tuple(tensors)),
-                                      strict=False)
+        program = torch.export.export(_Step(decoder), (ids, pos, where, mask, kv, tuple(tensors)),
+                                      dynamic_shapes=shapes, strict=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="building-", suffix=".pt2")
     os.close(fd)
@@ -200,7 +206,10 @@ def compile_step(decoder, fallback):
     weights = tuple(tensors)
 
     def step(input_ids, pos, where, mask, upto):
-        return runner(input_ids, pos, where, mask, tuple(decoder.k + decoder.v), weights)
+        # ``mask`` is the decoder's whole fixed-shape mask (what torch.compile's step takes); the
+        # package takes its filled prefix: the positions before this token, and this one.
+        filled = mask[..., :decoder.length + 1].contiguous()
+        return runner(input_ids, pos, where, filled, tuple(decoder.k + decoder.v), weights)
 
     step.package = path
     return step

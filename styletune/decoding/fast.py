@@ -546,13 +546,16 @@ class FastDecoder:
             raise StyletuneError(f"the lean decode step does not support this model ({type(model).__name__})")
         requested = max_len
         if compile:
-            max_len = -(-max_len // COMPILE_BUCKET) * COMPILE_BUCKET
+            # One position to spare: the compiled step attends to a prefix of the cache whose length
+            # varies, and export cannot take a prefix as long as the whole buffer.
+            max_len = -(-(max_len + 1) // COMPILE_BUCKET) * COMPILE_BUCKET
         self.arch = arch = _family(model)(model, max_len)
         if arch.positions is not None and requested > arch.positions:
             raise StyletuneError(f"{requested} positions asked for; the model has {arch.positions}")
         # Positions the step may fill: the cache's, and no more than the model can encode (a compiled
         # step's cache, rounded up, may hold more; those are never written).
-        self.limit = max_len if arch.positions is None else min(max_len, arch.positions)
+        usable = max_len - 1 if compile else max_len
+        self.limit = usable if arch.positions is None else min(usable, arch.positions)
         self.n_heads, self.n_kv, self.head_dim = arch.n_heads, arch.n_kv, arch.head_dim
         dtype, device = model.dtype, model.device
         self.device = device
