@@ -336,3 +336,15 @@ def test_auto_greedy_text_on_a_4bit_model_is_the_exact_text(train_model_dirs):
     texts = {q: [s.token_ids for s in generate(dataclasses.replace(lm, quantize=q), PROMPTS, cfg)]
              for q in (None, "auto")}
     assert texts["auto"] == texts[None]
+
+
+def test_a_compiled_decoder_from_an_empty_cache(llama):
+    """The package takes two filled positions or more; a first step with nothing before it runs
+    eagerly, and every step matches the eager decoder's."""
+    compiled_dec = fast.FastDecoder(llama.model, batch=1, max_len=10, compile=True)
+    eager_dec = fast.FastDecoder(llama.model, batch=1, max_len=10)
+    assert getattr(compiled_dec._forward, "package", None) is not None
+    for n, token in enumerate([5, 6, 7], start=1):
+        mask = torch.ones(1, n, dtype=torch.long)
+        got, ref = compiled_dec.step(torch.tensor([[token]]), mask), eager_dec.step(torch.tensor([[token]]), mask)
+        assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()

@@ -209,7 +209,10 @@ def compile_step(decoder, fallback):
     def step(input_ids, pos, where, mask, upto):
         # ``mask`` is the decoder's whole fixed-shape mask (what torch.compile's step takes); the
         # package takes its filled prefix: the positions before this token, and this one.
-        filled = mask[..., :decoder.length + 1].contiguous()
+        n = decoder.length + 1
+        if n < 2:  # the package takes two positions or more (export specialises 0 and 1): eager
+            return decoder._step(input_ids, pos, where, mask, None)
+        filled = mask[..., :n].contiguous()
         return runner(input_ids, pos, where, filled, tuple(decoder.k + decoder.v), weights)
 
     step.package = path
