@@ -6,7 +6,8 @@ inductor cache) and then still runs Python per token: its guard check alone took
 ``torch._inductor.aoti_compile_and_package``) turns the same step into one C++ function in a
 ``.pt2`` package that loads in ~0.2 s and runs without Python between its kernels: on SmolLM2 with
 the default ``--quantize auto``, 129 tokens/s against 78 for ``torch.compile`` of the same step (one
-thread, an AMD EPYC, one side-by-side run; ``make bench``'s ``styletune_generate_b1_compile`` row).
+thread, an AMD EPYC, in two probes an hour apart; ``make bench``'s ``styletune_generate_b1_compile``
+row measures it against llama.cpp).
 
 The weights and the KV cache are inputs of the compiled step, not constants inside it, and the
 filled length is a dynamic dimension (each step attends only to the filled positions), so a package
