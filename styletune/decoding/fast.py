@@ -146,17 +146,25 @@ def int4_fits(weight: torch.Tensor) -> bool:
 _ON_GRID = 1e-3
 
 
+def _grid_groups(weight: torch.Tensor):
+    """The int4 codes, scales and offsets of a matrix that is on a 4-bit grid (see
+    :func:`on_int4_grid`), or None for one that is not."""
+    if not int4_fits(weight):
+        return None
+    parts = []
+    for start in range(0, weight.shape[0], 4096):  # in slices: the temporaries stay small
+        *groups, err = _int4_groups(weight[start:start + 4096])
+        if float(err.max()) > _ON_GRID:
+            return None
+        parts.append(groups)
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
 def on_int4_grid(weight: torch.Tensor) -> bool:
     """True when int4 storage loses nothing but float rounding: the matrix holds at most 16 evenly
     spaced values per group of ``INT4_GROUP`` inputs, as the weights of a model dequantised from a
     Q4_0/Q4_1 GGUF (the bundled SmolLM2) do."""
-    if not int4_fits(weight):
-        return False
-    rows = weight.shape[0]
-    for start in range(0, rows, 4096):  # in slices: the check's temporaries stay small
-        if float(_int4_groups(weight[start:start + 4096])[3].max()) > _ON_GRID:
-            return False
-    return True
+    return _grid_groups(weight) is not None
 
 
 class _Int4Linear:
@@ -168,14 +176,13 @@ class _Int4Linear:
     a multiple of 16 output rows: others are padded with zero rows and cut off the result.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, groups=None):
         n = weight.shape[0]
         self.rows = n
+        q, scale, zero = groups if groups is not None else _int4_groups(weight)[:3]
         pad = -n % 16
-        w = weight.detach().float()
-        if pad:
-            w = torch.cat([w, w.new_zeros(pad, w.shape[1])])
-        q, scale, zero, _ = _int4_groups(w)
+        if pad:  # rows whose outputs are cut off: any codes do
+            q, scale, zero = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (q, scale, zero))
         self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         # (in/group, out, 2): the layout the kernel reads
         self.scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(torch.bfloat16)
@@ -199,7 +206,8 @@ def _int4(weight: torch.Tensor, bias: torch.Tensor | None = None):
 def _lossless_int4(weight: torch.Tensor, bias: torch.Tensor | None = None):
     """``--quantize auto``: int4 for a matrix already on a 4-bit grid (nothing lost but float rounding),
     weight-only int8 for any other (perplexity within ~0.5% of exact, measured by ``make bench``)."""
-    return (_Int4Linear if on_int4_grid(weight) else _Int8Linear)(weight, bias)
+    groups = _grid_groups(weight)
+    return _Int8Linear(weight, bias) if groups is None else _Int4Linear(weight, bias, groups)
 
 
 _QUANTIZED = {"int8": _Int8Linear, "int8-dynamic": _Int8DynamicLinear, "int4": _int4, "auto": _lossless_int4}
