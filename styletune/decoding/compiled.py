@@ -21,6 +21,7 @@ Anything that goes wrong (no C++ compiler, an operation export cannot take) fall
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import os
 import sys
@@ -40,6 +41,12 @@ _LOADED: dict = {}
 _LOADED_LOCK = threading.Lock()
 
 
+def _is_function(obj) -> bool:
+    """An activation the step calls: a Python function or lambda (``__code__``) or a builtin (no
+    ``__dict__``). Neither holds tensors, so neither is walked into or copied."""
+    return hasattr(obj, "__code__") or callable(obj) and not hasattr(obj, "__dict__")
+
+
 def _flatten(obj, tensors: list, sig: list) -> None:
     """Every tensor reachable from ``obj`` (the decoder's layers, head and architecture object) into
     ``tensors``; into ``sig``, everything else the traced step depends on: types, sizes, flags."""
@@ -56,11 +63,10 @@ def _flatten(obj, tensors: list, sig: list) -> None:
             _flatten(x, tensors, sig)
     elif obj is None or isinstance(obj, (bool, int, float, str)):
         sig.append(repr(obj))
-    elif callable(obj) and hasattr(obj, "__code__"):  # an activation (a lambda or a function)
-        code = obj.__code__
-        sig.append(("function", obj.__qualname__, code.co_code.hex(), repr(code.co_consts), repr(code.co_names)))
-    elif callable(obj) and not hasattr(obj, "__dict__"):  # a builtin (F.gelu, F.silu)
-        sig.append(("builtin", getattr(obj, "__module__", ""), obj.__qualname__))
+    elif _is_function(obj):
+        code = getattr(obj, "__code__", None)  # a lambda's name says nothing: its code does
+        sig.append(("function", getattr(obj, "__module__", ""), obj.__qualname__)
+                   + (() if code is None else (code.co_code.hex(), repr(code.co_consts), repr(code.co_names))))
     else:
         sig.append(("object", type(obj).__module__, type(obj).__qualname__))
         for name, value in sorted(vars(obj).items()):
@@ -79,9 +85,8 @@ def _rebind(obj, tensors):
         return tuple(_rebind(x, tensors) for x in obj)
     if isinstance(obj, dict):
         return {k: _rebind(v, tensors) for k, v in obj.items()}
-    if obj is None or isinstance(obj, (bool, int, float, str)) or hasattr(obj, "__code__") \
-            or callable(obj) and not hasattr(obj, "__dict__"):
-        return obj  # (functions are not copied: they hold no tensors)
+    if obj is None or isinstance(obj, (bool, int, float, str)) or _is_function(obj):
+        return obj
     clone = copy.copy(obj)
     for name, value in sorted(vars(obj).items()):
         setattr(clone, name, _rebind(value, tensors))
@@ -108,6 +113,7 @@ class _Step(torch.nn.Module):
         return type(self.decoder)._step(d, input_ids, pos, where, mask, mask.shape[-1])
 
 
+@functools.cache
 def _cpu() -> str:
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -120,15 +126,21 @@ def _cpu() -> str:
     return model + "|" + " ".join(sorted(flags))
 
 
-def _key(decoder, sig: list, batch: int) -> str:
+@functools.cache
+def _environment() -> bytes:
+    """What every key shares, read once per process: torch, styletune, the CPU, and the code that
+    the package was traced from (this module and the step's)."""
     from .. import __version__
 
     code = Path(__file__).read_bytes() + Path(__file__).with_name("fast.py").read_bytes()
-    h = hashlib.sha256()
-    for part in (torch.__version__, __version__, _cpu(), repr(sig), str(batch), str(decoder.max_len)):
-        h.update(part.encode())
+    return b"\0".join(part.encode() for part in (torch.__version__, __version__, _cpu())) + b"\0" + code
+
+
+def _key(decoder, sig: list, batch: int) -> str:
+    h = hashlib.sha256(_environment())
+    for part in (repr(sig), str(batch), str(decoder.max_len)):
         h.update(b"\0")
-    h.update(code)
+        h.update(part.encode())
     return h.hexdigest()[:24]
 
 
