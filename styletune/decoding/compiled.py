@@ -107,8 +107,7 @@ class _Step(torch.nn.Module):
     def forward(self, input_ids, pos, where, mask, kv, weights):
         d = copy.copy(self.decoder)
         d.arch, d.layers, d.head = _rebind(_state(self.decoder), iter(weights))
-        n = len(d.layers)
-        d.k, d.v = list(kv[:n]), list(kv[n:])
+        d.kv = list(kv)
         # Attend to the first mask.shape[-1] positions: a length the package takes at run time.
         return type(self.decoder)._step(d, input_ids, pos, where, mask, mask.shape[-1])
 
@@ -166,7 +165,7 @@ def _build(decoder, tensors: list, path: Path, batch: int) -> None:
     ids = torch.zeros(batch, 1, dtype=torch.long, device=decoder.device)
     pos = torch.zeros(batch, dtype=torch.long, device=decoder.device)
     where = torch.zeros(1, dtype=torch.long, device=decoder.device)
-    kv = tuple(decoder.k + decoder.v)
+    kv = tuple(decoder.kv)
     # On a terminal the streamed prompt may be waiting on its line: start a new one.
     lead = "\n" if sys.stdout.isatty() and sys.stderr.isatty() else ""
     print(f"{lead}compiling the decode step for this model's shape (once, up to a minute; kept in {path.parent})",
@@ -226,7 +225,7 @@ def compile_step(decoder, fallback):
         if n < 2:  # the package takes two positions or more (export specialises 0 and 1): eager
             return decoder._step(input_ids, pos, where, mask, None)
         filled = mask[..., :n].contiguous()
-        return runner(input_ids, pos, where, filled, tuple(decoder.k + decoder.v), weights)
+        return runner(input_ids, pos, where, filled, tuple(decoder.kv), weights)
 
     step.package = path
     return step

@@ -71,7 +71,9 @@ def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # Every projection below takes its weight as (out, in), as nn.Linear stores it (for GPT-2's Conv1D,
-# whose weight is (in, out), a transposed view of it), and an optional bias (out,).
+# whose weight is (in, out), a transposed view of it), and an optional bias (out,). Each returns its
+# product in the dtype its kernel computes in (bf16 for the int8 and int4 kernels): the step casts only
+# where it needs to (adding into the residual stream casts for free).
 
 class _Int8Linear:
     """Weight-only int8 with one scale per output row: y = (x @ Wq^T) * scale (+ bias).
@@ -89,7 +91,7 @@ class _Int8Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight, self.scale)
-        y = y.reshape(*shape[:-1], -1).to(x.dtype)
+        y = y.reshape(*shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
 
@@ -113,7 +115,7 @@ class _Int8DynamicLinear:
         x_scale = torch.linalg.vector_norm(x2, float("inf"), dim=-1, keepdim=True).clamp_(min=1e-8).div_(127.0)
         xq = torch.div(x2, x_scale).round_().to(torch.int8)
         y = torch.mul(torch._int_mm(xq, self.weight.t()), x_scale * self.scale)  # int32 * fp32 -> fp32
-        y = y.reshape(*shape[:-1], -1).to(x.dtype)
+        y = y.reshape(*shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
 
@@ -194,7 +196,7 @@ class _Int4Linear:
                                                        INT4_GROUP, self.scale_zero)
         if y.shape[-1] != self.rows:
             y = y[:, :self.rows]
-        y = y.reshape(*shape[:-1], -1).to(x.dtype)
+        y = y.reshape(*shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
 
@@ -336,9 +338,11 @@ def _derived_weights(model, quantize: str | None, rows: int, pack: bool):
 # ---------------------------------------------------------------------------------------------
 # The arithmetic of one layer, per architecture. Each class reads its config and the tensors that
 # are not projections (norms, embeddings, position tables) once per decoder, and gives the decoder:
-# ``n_heads``, ``n_kv``, ``head_dim``, ``scales`` (the attention scale of each layer), ``positions``
+# ``n_heads``, ``n_kv``, ``head_dim``, ``scales`` (the attention scale of each layer, or None where ``qkv``
+# applies it), ``positions``
 # (the most positions the model can encode, or None), ``embed(ids, pos) -> (x, ctx)``,
-# ``attn_in(layer, x, ctx) -> q, k, v`` ((B, heads, 1, head_dim) each, normalised and rotated),
+# ``qkv(layer, x, ctx)`` (B, heads + 2 kv heads, head_dim): the q, k and v heads of the token, in x's
+# dtype, normalised and rotated (q already multiplied by the attention scale where ``scales[i]`` is None),
 # ``mlp(layer, x)`` (the residual branch, its norm included) and ``final(x)`` (the last norm).
 # ``weights(model, Proj, fused)`` builds the per-layer projections (``o`` is the attention output,
 # shared code) and the head.
@@ -382,7 +386,6 @@ class _Llama:
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
-        self.scales = [self.head_dim ** -0.5] * cfg.num_hidden_layers
         dtype, device = model.dtype, model.device
         inner = model.model
         self.norm = inner.norm.weight
@@ -394,46 +397,51 @@ class _Llama:
         emb = torch.cat([freqs, freqs], dim=-1)  # (max_len, head_dim)
         scale = getattr(rotary, "attention_scaling", 1.0)
         self.cos = (emb.cos() * scale).to(dtype)
-        # rotate_half(x) * sin == roll(x, half) * sin_signed, with the first half's sign folded into
-        # the table: two operations per rotation fewer (the same arithmetic).
+        # rotate_half(x) * sin == flip(x's two halves) * sin_signed, with the first half's sign folded
+        # into the table: the same arithmetic in fewer operations.
         half = self.head_dim // 2
         sin = (emb.sin() * scale).to(dtype)
         self.sin_signed = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+        # The q, k and v heads of a token are rotated together, as the rows of one (heads, head_dim)
+        # tensor: per row, cos * a + b and sin * a, with a = the attention scale for q (folded in
+        # here, so attention does not scale again), 1 for k and 0 for v, and b = 1 for v only
+        # (v * 1 + flip(v) * 0 is v exactly).
+        rows = self.n_heads + 2 * self.n_kv
+        self.row_a = torch.tensor([self.head_dim ** -0.5] * self.n_heads + [1.0] * self.n_kv + [0.0] * self.n_kv,
+                                  dtype=dtype, device=device)[:, None]
+        self.row_b = (torch.arange(rows, device=device) >= self.n_heads + self.n_kv).to(dtype)[:, None]
+        self.scales = [None] * cfg.num_hidden_layers
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * h.to(x.dtype)
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-        """transformers' ``x * cos + rotate_half(x) * sin``."""
-        return torch.addcmul(x * cos, x.roll(self.head_dim // 2, dims=-1), sin_signed)
-
     def embed(self, input_ids, pos):
-        rope = self.cos[pos][:, None, None, :], self.sin_signed[pos][:, None, None, :]  # (B, 1, 1, hd) each
+        c, s = self.cos[pos][:, None, :], self.sin_signed[pos][:, None, :]  # (B, 1, hd)
+        halves = (pos.shape[0], -1, 2, self.head_dim // 2)
+        rope = torch.addcmul(self.row_b, c, self.row_a).view(halves), (s * self.row_a).view(halves)
         return F.embedding(input_ids, self.embed_weight), rope
 
-    def attn_in(self, L, x, rope):
+    def qkv(self, L, x, rope):
         b, hd = x.shape[0], self.head_dim
         h = self._rms(x, L["ln1"])
         if "qkv" in L:
-            nq, nkv = self.n_heads * hd, self.n_kv * hd
-            q, k, v = L["qkv"](h).split([nq, nkv, nkv], dim=-1)
+            r = L["qkv"](h).to(x.dtype)
         else:
-            q, k, v = L["q"](h), L["k"](h), L["v"](h)
-        q = q.view(b, 1, self.n_heads, hd).transpose(1, 2)  # (B, H, 1, hd)
-        k = k.view(b, 1, self.n_kv, hd).transpose(1, 2)  # (B, Hkv, 1, hd)
-        v = v.view(b, 1, self.n_kv, hd).transpose(1, 2)
+            r = torch.cat([L["q"](h), L["k"](h), L["v"](h)], dim=-1)
+        r = r.view(b, -1, 2, hd // 2)  # (B, heads, the two halves of each head)
         cos, sin = rope
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin), v
+        # transformers' ``x * cos + rotate_half(x) * sin``
+        return torch.addcmul(r * cos, r.flip(2), sin).view(b, -1, hd)
 
     def mlp(self, L, x):
         h = self._rms(x, L["ln2"])
         if "gate_up" in L:
             gate, up = L["gate_up"](h).chunk(2, dim=-1)
-        else:
-            gate, up = L["gate"](h), L["up"](h)
-        return L["down"](F.silu(gate) * up)
+            # the product in x's dtype, rounded once for the next kernel (as with separate projections)
+            return L["down"](F.silu(gate.to(x.dtype)) * up)
+        return L["down"](F.silu(L["gate"](h)) * L["up"](h))
 
     def final(self, x):
         return self._rms(x, self.norm)
@@ -507,10 +515,8 @@ class _GPT2:
     def embed(self, input_ids, pos):
         return F.embedding(input_ids, self.wte) + F.embedding(pos, self.wpe)[:, None, :], None
 
-    def attn_in(self, L, x, ctx):
-        b, c = x.shape[0], x.shape[-1]
-        q, k, v = L["qkv"](self._ln(x, L["ln1"])).split(c, dim=-1)
-        return tuple(t.view(b, 1, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+    def qkv(self, L, x, ctx):
+        return L["qkv"](self._ln(x, L["ln1"])).to(x.dtype).view(x.shape[0], 3 * self.n_heads, self.head_dim)
 
     def mlp(self, L, x):
         return L["proj"](self.act(L["fc"](self._ln(x, L["ln2"]))))
@@ -571,9 +577,12 @@ class FastDecoder:
         # the plain product.
         self.layers, self.head = _weights(model, quantize, batch, pack=not compile)
         self.packed = isinstance(self.head, _PackedDense)
-        shape = (batch, self.n_kv, max_len, self.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        # One buffer per layer holds its keys and values, (2, batch, kv heads, max_len, head_dim), so that
+        # a token's k and v heads are written in one copy; ``k[i]`` and ``v[i]`` are its two halves.
+        shape = (2, batch, self.n_kv, max_len, self.head_dim)
+        self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
+        self.k = [t[0] for t in self.kv]
+        self.v = [t[1] for t in self.kv]
         self.mask = torch.zeros(batch, 1, 1, max_len, dtype=torch.bool, device=device)  # filled positions
         self.max_len = max_len
         self.length = 0
@@ -622,26 +631,38 @@ class FastDecoder:
         ``pos[b]`` (continuous batching); None: row b is slot b and every row writes at position ``where``.
         ``rows``: the same slots as a slice, when they are consecutive."""
         arch = self.arch
-        b = input_ids.shape[0]
+        b, nq, nkv, hd = input_ids.shape[0], self.n_heads, self.n_kv, self.head_dim
         x, ctx = arch.embed(input_ids, pos)  # (B, 1, C)
+        blocked = None if mask is None else ~mask  # (B, 1, 1, T): True where a row must not look
         for i, L in enumerate(self.layers):
-            q, k, v = arch.attn_in(L, x, ctx)  # (B, H, 1, hd), (B, Hkv, 1, hd) x 2
+            r = arch.qkv(L, x, ctx)  # (B, nq + 2 nkv, hd): this token's q, k and v heads
+            kv = self.kv[i]  # (2, slots, nkv, T, hd)
             if slots is None:
-                self.k[i].index_copy_(2, where, k)
-                self.v[i].index_copy_(2, where, v)
-                keys, values = (self.k[i], self.v[i]) if upto is None else (self.k[i][:, :, :upto], self.v[i][:, :, :upto])
+                kv.index_copy_(3, where, r[:, nq:].view(b, 2, nkv, 1, hd).transpose(0, 1))
+                cache = kv if upto is None else kv[:, :, :, :upto]
             else:
-                self.k[i][slots, :, pos] = k[:, :, 0]  # (B, Hkv, hd) into each row's slot and position
-                self.v[i][slots, :, pos] = v[:, :, 0]
-                if rows is not None:  # consecutive slots: a view of the cache, not a gathered copy
-                    keys, values = self.k[i][rows, :, :upto], self.v[i][rows, :, :upto]
-                else:
-                    keys, values = self.k[i][slots, :, :upto], self.v[i][slots, :, :upto]
-            att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                                 scale=arch.scales[i], enable_gqa=self.n_kv != self.n_heads)
-            x = x + L["o"](att.transpose(1, 2).reshape(b, 1, self.n_heads * self.head_dim))
-            x = x + arch.mlp(L, x)
+                kv[:, slots, :, pos] = r[:, nq:].view(b, 2, nkv, hd)  # each row into its slot and position
+                # consecutive slots: a view of the cache, not a gathered copy
+                cache = kv[:, rows, :, :upto] if rows is not None else kv[:, slots, :, :upto]
+            att = _attend(r[:, :nq].view(b, nkv, nq // nkv, hd), cache[0], cache[1], blocked, arch.scales[i])
+            x.add_(L["o"](att.view(b, 1, nq * hd)))  # (in place: x keeps its dtype, whatever o's kernel returns)
+            x.add_(arch.mlp(L, x))
         return self.head(arch.final(x)[:, -1, :]).float()
+
+
+def _attend(q, keys, values, blocked, scale):
+    """One token's attention: ``q`` (B, kv heads, group, hd), the query heads that share each KV head
+    (transformers' ``repeat_kv`` order), over ``keys`` and ``values`` (B, kv heads, T, hd), without
+    positions where ``blocked`` (B, 1, 1, T) is True. Three products and a softmax: at one query per
+    row, torch's fused CPU attention costs more than the arithmetic (~45 us per SmolLM2 layer against
+    ~8 us here, measured on one thread). The softmax runs in fp32, as transformers' eager attention."""
+    s = torch.matmul(q, keys.transpose(-1, -2))  # (B, kv heads, group, T)
+    if scale is not None:
+        s.mul_(scale)
+    if blocked is not None:
+        s.masked_fill_(blocked, float("-inf"))
+    p = torch.softmax(s, dim=-1, dtype=torch.float32)
+    return torch.matmul(p.to(values.dtype), values)  # (B, kv heads, group, hd)
 
 
 class SlotDecoder(FastDecoder):
