@@ -73,7 +73,8 @@ def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # Every projection below takes its weight as (out, in), as nn.Linear stores it (for GPT-2's Conv1D,
 # whose weight is (in, out), a transposed view of it), and an optional bias (out,). Each returns its
 # product in the dtype its kernel computes in (bf16 for the int8 and int4 kernels): the step casts only
-# where it needs to (adding into the residual stream casts for free).
+# where it needs to (adding into the residual stream casts for free). Inputs are (rows, in): the step
+# keeps its activations two-dimensional, so no projection reshapes.
 
 class _Int8Linear:
     """Weight-only int8 with one scale per output row: y = (x @ Wq^T) * scale (+ bias).
@@ -89,9 +90,7 @@ class _Int8Linear:
         self.bias = bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight, self.scale)
-        y = y.reshape(*shape[:-1], -1)
+        y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scale)
         return y if self.bias is None else y + self.bias
 
 
@@ -110,12 +109,10 @@ class _Int8DynamicLinear:
         self.bias = bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float()
+        x2 = x.float()
         x_scale = torch.linalg.vector_norm(x2, float("inf"), dim=-1, keepdim=True).clamp_(min=1e-8).div_(127.0)
         xq = torch.div(x2, x_scale).round_().to(torch.int8)
         y = torch.mul(torch._int_mm(xq, self.weight.t()), x_scale * self.scale)  # int32 * fp32 -> fp32
-        y = y.reshape(*shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
 
@@ -191,12 +188,9 @@ class _Int4Linear:
         self.bias = bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.weight,
-                                                       INT4_GROUP, self.scale_zero)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.weight, INT4_GROUP, self.scale_zero)
         if y.shape[-1] != self.rows:
             y = y[:, :self.rows]
-        y = y.reshape(*shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
 
@@ -240,10 +234,8 @@ class _PackedDense:
         self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach().contiguous(), rows)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
         # With any other number of rows the op falls back to the plain product on ``weight``.
-        y = torch.ops.mkl._mkl_linear(x.reshape(-1, shape[-1]), self.packed, self.weight, self.bias, self.rows)
-        return y.reshape(*shape[:-1], -1)
+        return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.rows)
 
 
 # Batches of at least this many rows decode through MKL-packed weights. The products of one
@@ -413,21 +405,23 @@ class _Llama:
         self.scales = [None] * cfg.num_hidden_layers
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        h = x.float()
+        """transformers' LlamaRMSNorm (in fp32, then back to x's dtype)."""
+        h = x if x.dtype == torch.float32 else x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * h.to(x.dtype)
+        return weight * (h if x.dtype == torch.float32 else h.to(x.dtype))
 
     def embed(self, input_ids, pos):
         c, s = self.cos[pos][:, None, :], self.sin_signed[pos][:, None, :]  # (B, 1, hd)
         halves = (pos.shape[0], -1, 2, self.head_dim // 2)
         rope = torch.addcmul(self.row_b, c, self.row_a).view(halves), (s * self.row_a).view(halves)
-        return F.embedding(input_ids, self.embed_weight), rope
+        return F.embedding(input_ids, self.embed_weight), rope  # (B, C)
 
     def qkv(self, L, x, rope):
         b, hd = x.shape[0], self.head_dim
         h = self._rms(x, L["ln1"])
         if "qkv" in L:
-            r = L["qkv"](h).to(x.dtype)
+            r = L["qkv"](h)
+            r = r if r.dtype == x.dtype else r.to(x.dtype)
         else:
             r = torch.cat([L["q"](h), L["k"](h), L["v"](h)], dim=-1)
         r = r.view(b, -1, 2, hd // 2)  # (B, heads, the two halves of each head)
@@ -513,10 +507,11 @@ class _GPT2:
         return F.layer_norm(x, (x.shape[-1],), wb[0], wb[1], self.eps)
 
     def embed(self, input_ids, pos):
-        return F.embedding(input_ids, self.wte) + F.embedding(pos, self.wpe)[:, None, :], None
+        return F.embedding(input_ids, self.wte) + F.embedding(pos, self.wpe), None  # (B, C)
 
     def qkv(self, L, x, ctx):
-        return L["qkv"](self._ln(x, L["ln1"])).to(x.dtype).view(x.shape[0], 3 * self.n_heads, self.head_dim)
+        r = L["qkv"](self._ln(x, L["ln1"]))
+        return (r if r.dtype == x.dtype else r.to(x.dtype)).view(x.shape[0], 3 * self.n_heads, self.head_dim)
 
     def mlp(self, L, x):
         return L["proj"](self.act(L["fc"](self._ln(x, L["ln2"]))))
@@ -627,27 +622,30 @@ class FastDecoder:
               rows: slice | None = None) -> torch.Tensor:
         """The arithmetic of one token: embedding, layers, head (the architecture's own parts in
         ``self.arch``). ``upto``: attend to the first ``upto`` cache positions (None: all of them, for
-        fixed shapes). ``slots``: row b is the sequence in cache slot ``slots[b]``, at its own position
-        ``pos[b]`` (continuous batching); None: row b is slot b and every row writes at position ``where``.
-        ``rows``: the same slots as a slice, when they are consecutive."""
+        fixed shapes). Row b is the sequence in cache slot b, or in ``slots[b]`` (continuous batching;
+        ``rows``, the same slots as a slice where they are consecutive). ``where``: the one position
+        every row writes at; None: row b writes at ``pos[b]``."""
         arch = self.arch
         b, nq, nkv, hd = input_ids.shape[0], self.n_heads, self.n_kv, self.head_dim
-        x, ctx = arch.embed(input_ids, pos)  # (B, 1, C)
+        x, ctx = arch.embed(input_ids.view(b), pos)  # (B, C)
         blocked = None if mask is None else ~mask  # (B, 1, 1, T): True where a row must not look
+        gather = slots is not None and rows is None
         for i, L in enumerate(self.layers):
             r = arch.qkv(L, x, ctx)  # (B, nq + 2 nkv, hd): this token's q, k and v heads
+            q, new = r.split([nq, 2 * nkv], dim=1)
             kv = self.kv[i]  # (2, slots, nkv, T, hd)
-            if slots is None:
-                kv.index_copy_(3, where, r[:, nq:].view(b, 2, nkv, 1, hd).transpose(0, 1))
-                cache = kv if upto is None else kv[:, :, :, :upto]
-            else:
-                kv[:, slots, :, pos] = r[:, nq:].view(b, 2, nkv, hd)  # each row into its slot and position
-                # consecutive slots: a view of the cache, not a gathered copy
-                cache = kv[:, rows, :, :upto] if rows is not None else kv[:, slots, :, :upto]
-            att = _attend(r[:, :nq].view(b, nkv, nq // nkv, hd), cache[0], cache[1], blocked, arch.scales[i])
-            x.add_(L["o"](att.view(b, 1, nq * hd)))  # (in place: x keeps its dtype, whatever o's kernel returns)
+            mine = kv if rows is None or gather else kv[:, rows]  # these rows' slots, as a view
+            if where is not None and not gather:
+                mine.index_copy_(3, where, new.view(b, 2, nkv, 1, hd).transpose(0, 1))
+            else:  # each row into its own slot and position
+                kv[:, slots, :, pos] = new.view(b, 2, nkv, hd)
+            if gather:
+                mine = kv[:, slots]
+            keys, values = (mine if upto is None else mine[:, :, :, :upto]).unbind(0)
+            att = _attend(q.view(b, nkv, nq // nkv, hd), keys, values, blocked, arch.scales[i])
+            x.add_(L["o"](att.view(b, nq * hd)))  # (in place: x keeps its dtype, whatever o's kernel returns)
             x.add_(arch.mlp(L, x))
-        return self.head(arch.final(x)[:, -1, :]).float()
+        return self.head(arch.final(x)).float()
 
 
 def _attend(q, keys, values, blocked, scale):
@@ -662,7 +660,7 @@ def _attend(q, keys, values, blocked, scale):
     if blocked is not None:
         s.masked_fill_(blocked, float("-inf"))
     p = torch.softmax(s, dim=-1, dtype=torch.float32)
-    return torch.matmul(p.to(values.dtype), values)  # (B, kv heads, group, hd)
+    return torch.matmul(p if p.dtype == values.dtype else p.to(values.dtype), values)  # (B, kv heads, group, hd)
 
 
 class SlotDecoder(FastDecoder):
@@ -714,15 +712,17 @@ class SlotDecoder(FastDecoder):
         """Append ``tokens[b]`` to the sequence in ``slots[b]``; float32 logits (B, vocab) of the next ones."""
         device = self.device
         pos = torch.tensor([self.lengths[s] for s in slots], device=device)
-        upto = int(pos.max()) + 1
+        upto = max(self.lengths[s] for s in slots) + 1
         if upto > self.limit:
             raise StyletuneError(f"the decode cache holds {self.limit} positions; all are used")
-        # Each row sees its own filled positions; rows of one length need no mask (sdpa's fast path).
-        mask = None if bool((pos == pos[0]).all()) else (
+        # Each row sees its own filled positions; rows of one length need no mask, and write at one position.
+        lengths = {self.lengths[s] for s in slots}
+        mask = None if len(lengths) == 1 else (
             torch.arange(upto, device=device)[None, :] <= pos[:, None])[:, None, None, :]
         ids = torch.tensor(tokens, device=device)[:, None]
         consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
-        logits = self._forward(ids, pos, None, mask, upto, torch.tensor(slots, device=device),
+        logits = self._forward(ids, pos, pos[:1] if mask is None else None, mask, upto,
+                               torch.tensor(slots, device=device),
                                slice(slots[0], slots[0] + len(slots)) if consecutive else None)
         for s in slots:
             self.lengths[s] += 1
