@@ -402,7 +402,7 @@ DATA_OPTIONS = ("column", "field", "split", "val_fraction", "val", "block_size",
 @click.option("--warmup-fraction", type=float, help="Share of steps for linear warm-up [default: 0.05].")
 @click.option("--epochs", type=float, help="Passes over the data [default: 1 if no other length is given].")
 @click.option("--max-steps", type=int, help="Optimizer steps (caps the others).")
-@click.option("--time-budget", help="Wall-clock budget, e.g. 10m; steps are planned from measured speed.")
+@click.option("--time-budget", help="Wall-clock budget, e.g. 10m: steps are planned from measured speed; the run stops when it is spent.")
 @click.option("--eval-every", type=int, help="Evaluate every N steps [default: about 10 evaluations per run].")
 @click.option("--save-every", type=int, help="Checkpoint every N steps [default: 100].")
 @click.option("--keep-checkpoints", type=int, help="Step checkpoints to keep [default: 2].")

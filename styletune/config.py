@@ -211,7 +211,8 @@ class TrainConfig:
     max_steps: int | None = None
     """Optimizer steps (caps --epochs and --time-budget)."""
     time_budget: str | None = None
-    """Wall-clock budget like ``10m``, ``90s`` or ``1h``; steps are planned from measured speed."""
+    """Wall-clock budget like ``10m``, ``90s`` or ``1h``; steps are planned from measured speed, and the run
+    stops (with a last evaluation) when the next step would not fit."""
     eval_every: int | None = None
     """Evaluate (validation loss, samples) every N steps, and at the end; default: about ten times
     over the run. The base model's validation loss is always measured first, as step 0."""

@@ -49,6 +49,8 @@ class TrainResult:
     best_step: int | None = None
     interrupted: bool = False
     stopped_early: bool = False
+    time_up: bool = False
+    """Stopped before the planned steps because --time-budget was spent (``stopped_early`` too)."""
     summary: dict = field(default_factory=dict)
 
 
@@ -369,7 +371,9 @@ class _Run:
         # The base model's validation loss, the baseline the curve starts from (step 0); measured before
         # the layers are compiled or sharded, since evaluation always runs eagerly.
         self.loss_of, self.compiled = LossOf(model), []
+        t0 = time.perf_counter()
         self.baseline = None if resume_from else self.evaluate()
+        self.eval_s = time.perf_counter() - t0  # what one evaluation costs: --time-budget keeps room for them
         self.compiled = compile_layers(model) if cfg.compile else []
         self.wrapped = procs.wrap(model, layer_stack(model)[1], fsdp)
         if fsdp:
@@ -404,7 +408,7 @@ class _Run:
             self.plan = StepPlan.make(n_blocks, global_batch, cfg.batch_size, procs.world, procs.rank, cfg.seed)
             self.state = state = LoopState(global_batch=global_batch)
             state.total_steps = plan_steps(cfg, self.plan, lambda: self._falling_back(lambda: self._micro_step(0, 0)),
-                                           self.wrapped, echo, procs)
+                                           self.wrapped, echo, procs, eval_s=self.eval_s)
         # About ten evaluations over the run whatever its length, unless --eval-every says otherwise.
         self.eval_every = cfg.eval_every or max(1, round(state.total_steps / 10))
         self.prompts = cfg.eval_prompts or default_prompts(data, tokenizer)
@@ -567,6 +571,8 @@ class _Run:
         result = TrainResult(out=out, steps=state.step, total_steps=total, tokens_seen=state.tokens_seen,
                              elapsed_s=state.elapsed_s, summary=self.data.summary)
         last_val = None
+        budget = parse_duration(cfg.time_budget) if cfg.time_budget else None
+        eval_cost = self.eval_s  # the latest evaluation's wall time (samples and checkpoint included)
         t_start = time.perf_counter() - state.elapsed_s
         try:
             with _StopRequests(escalate=procs.world == 1) as stop:
@@ -588,8 +594,13 @@ class _Run:
                     result.train_loss = loss
                     if on_step:
                         on_step(step, self.model)
-                    last = step == total
+                    # --time-budget is wall time: when the next step and a last evaluation would not fit,
+                    # this step is the last (the planned step count was an estimate).
+                    time_up = (budget is not None and step < total
+                               and procs.any(state.elapsed_s + dt + eval_cost >= budget))
+                    last = step == total or time_up
                     if step % self.eval_every == 0 or last:
+                        t_eval = time.perf_counter()
                         val = self.evaluate()
                         if val is not None:
                             last_val = val
@@ -610,6 +621,7 @@ class _Run:
                         if cfg.patience and state.evals_since_best >= cfg.patience:
                             echo(f"early stop: no better validation loss in {cfg.patience} evaluations")
                             result.stopped_early = True
+                        eval_cost = time.perf_counter() - t_eval
                     # Every rank stops at the same step: a signal may reach them at different moments.
                     stopping = procs.any(stop.requested is not None)
                     if step % cfg.save_every == 0 or last or result.stopped_early or stopping:
@@ -622,6 +634,9 @@ class _Run:
                              "continue with --resume")
                         result.interrupted = True
                         break
+                    if time_up and not result.stopped_early:
+                        echo(f"time budget {cfg.time_budget} spent: stopped at step {step} of {total}")
+                        result.stopped_early = result.time_up = True
                     if result.stopped_early:
                         break
         finally:
@@ -668,13 +683,20 @@ def warnings_quiet():
         yield
 
 
+# A time-budget run evaluates about this many times (every tenth of its steps, and at the end).
+_PLANNED_EVALS = 11
+
+
 def plan_steps(cfg: TrainConfig, plan: StepPlan, one_pass: Callable[[], object], model, echo: Echo,
-               procs=None) -> int:
+               procs=None, eval_s: float = 0.0) -> int:
     """Total optimizer steps from --max-steps, --epochs and --time-budget (the smallest wins).
 
     For a time budget, ``one_pass`` (a micro-batch's forward and backward) is timed twice (the
     first warms up, the second is measured; with several processes, the slowest one's); gradients
-    and the RNG are restored afterwards, so planning does not change what training does.
+    and the RNG are restored afterwards, so planning does not change what training does. The plan
+    keeps room for the evaluations: ``eval_s`` (the base model's, measured) each, and at least 15% of
+    the budget for them, samples and checkpoints. The plan is an estimate; the loop also stops when
+    the budget is spent (:meth:`_Run.loop`).
     """
     candidates = []
     if cfg.max_steps:
@@ -693,8 +715,8 @@ def plan_steps(cfg: TrainConfig, plan: StepPlan, one_pass: Callable[[], object],
         model.zero_grad(set_to_none=True)
         ckpt.set_rng_state(rng)
         per_step = (procs.max(timings[-1]) if procs else timings[-1]) * plan.accum
-        # Keep ~15% of the budget for evaluations, samples and checkpoints.
-        steps = max(1, int(0.85 * budget / per_step))
+        reserve = min(0.5 * budget, max(0.15 * budget, _PLANNED_EVALS * eval_s))
+        steps = max(1, int((budget - reserve) / per_step))
         echo(f"time budget {cfg.time_budget}: {per_step:.2f} s/step measured -> {steps} steps")
         candidates.append(steps)
     if not candidates:
