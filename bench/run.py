@@ -835,7 +835,8 @@ def _serve_styletune(s: Settings, clients: int) -> dict:
     from styletune.server import Limits, ServerState, create_app, load_into
 
     state = ServerState(limits=Limits(max_tokens_cap=4096))
-    load_into(state, s.styletune_model, None, max_concurrency=32, device="cpu", dtype="auto")
+    # the command line's defaults (`styletune serve`: --dtype auto --quantize auto)
+    load_into(state, s.styletune_model, None, max_concurrency=32, device="cpu", dtype="auto", quantize="auto")
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="error"))
     threading.Thread(target=server.run, daemon=True).start()
@@ -849,7 +850,7 @@ def _serve_styletune(s: Settings, clients: int) -> dict:
     scheduler.close()
     r.update(timing=f"1 warm-up request, then {clients} concurrent streams of {s.new_tokens} tokens",
              notes=f"{clients} clients, {r['tokens']} tokens in {r['seconds']:.1f} s, mean time to first token "
-                   f"{r['ttft_s']:.2f} s{r['refused']}; largest batch decoded {scheduler.max_batch_seen}; "
+                   f"{r['ttft_s']:.2f} s{r['refused']}; --quantize auto; largest batch decoded {scheduler.max_batch_seen}; "
                    f"{'continuous batching over KV slots' if scheduler.batched else 'one request at a time'}")
     return r
 

@@ -611,8 +611,7 @@ class FastDecoder:
             self.mask[:, 0, 0, :t + 1] = attention_mask.bool()
             logits = self._forward(input_ids, pos, where, self.mask, None)
         else:
-            # Eager: only the filled positions, and a mask only when some row has padding
-            # (maskless, sdpa runs as in transformers).
+            # Eager: only the filled positions, and a mask only when some row has padding.
             mask = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]
             logits = self._forward(input_ids, pos, where, mask, t + 1)
         self.length = t + 1
@@ -634,7 +633,7 @@ class FastDecoder:
             r = arch.qkv(L, x, ctx)  # (B, nq + 2 nkv, hd): this token's q, k and v heads
             q, new = r.split([nq, 2 * nkv], dim=1)
             kv = self.kv[i]  # (2, slots, nkv, T, hd)
-            mine = kv if rows is None or gather else kv[:, rows]  # these rows' slots, as a view
+            mine = kv if rows is None else kv[:, rows]  # these rows' slots, as a view
             if where is not None and not gather:
                 mine.index_copy_(3, where, new.view(b, 2, nkv, 1, hd).transpose(0, 1))
             else:  # each row into its own slot and position
