@@ -638,9 +638,11 @@ class FastDecoder:
                 mine.index_copy_(3, where, new.view(b, 2, nkv, 1, hd).transpose(0, 1))
             else:  # each row into its own slot and position
                 kv[:, slots, :, pos] = new.view(b, 2, nkv, hd)
-            if gather:
-                mine = kv[:, slots]
-            keys, values = (mine if upto is None else mine[:, :, :, :upto]).unbind(0)
+            if gather:  # a copy: of the filled positions only (a server's slots hold thousands)
+                mine = kv[:, slots, :, :upto]
+            elif upto is not None:
+                mine = mine[:, :, :, :upto]
+            keys, values = mine.unbind(0)
             att = _attend(q.view(b, nkv, nq // nkv, hd), keys, values, blocked, arch.scales[i])
             x.add_(L["o"](att.view(b, nq * hd)))  # (in place: x keeps its dtype, whatever o's kernel returns)
             x.add_(arch.mlp(L, x))
