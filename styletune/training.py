@@ -715,6 +715,7 @@ def plan_steps(cfg: TrainConfig, plan: StepPlan, one_pass: Callable[[], object],
         model.zero_grad(set_to_none=True)
         ckpt.set_rng_state(rng)
         per_step = (procs.max(timings[-1]) if procs else timings[-1]) * plan.accum
+        eval_s = procs.max(eval_s) if procs else eval_s  # every rank must plan the same steps
         reserve = min(0.5 * budget, max(0.15 * budget, _PLANNED_EVALS * eval_s))
         steps = max(1, int((budget - reserve) / per_step))
         echo(f"time budget {cfg.time_budget}: {per_step:.2f} s/step measured -> {steps} steps")

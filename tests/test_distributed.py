@@ -203,6 +203,21 @@ def test_devices_2_fsdp_and_accelerate_launch(tmp_path, train_model_dirs, corpus
         assert_close(adapter(cfg.out), adapter(one.out), 1e-4)
 
 
+def test_a_time_budget_in_two_processes(tmp_path, train_model_dirs, corpus):  # noqa: F811
+    """Every rank plans the same steps and stops at the same one when the budget is spent (ranks that
+    disagreed would wait on each other for ever)."""
+    cfg = config(tmp_path, train_model_dirs["llama"], corpus, batch_size=2, max_steps=1, lr=1e-3)
+    args = cli_args(cfg)
+    i = args.index("--max-steps")
+    del args[i:i + 2]
+    out = run([sys.executable, "-m", "styletune", "train", *args, "--time-budget", "6s", "--devices", "2"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "time budget 6s:" in out.stderr and "Traceback" not in out.stderr
+    rows = [r for r in read_metrics(Path(cfg.out)) if "loss" in r]
+    assert rows and rows[-1]["elapsed_s"] < 6.0 + 1.0  # (slack: a step may run long on a shared CPU)
+    assert (Path(cfg.out) / "final").is_dir()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])  # SIGINT: Ctrl-C at the launcher
 def test_a_signal_stops_every_rank_with_one_checkpoint(tmp_path, train_model_dirs, corpus, sig):  # noqa: F811
     cfg = config(tmp_path, train_model_dirs["llama"], corpus, batch_size=2, max_steps=100000, eval_every=100000,
