@@ -844,7 +844,7 @@ def _wait_until_up(url: str, path: str, timeout: float = 300) -> None:
 def _serve_styletune(s: Settings, clients: int) -> dict:
     """``styletune serve`` with the command line's defaults (``--quantize auto``) in a process of
     its own, as users run it and as the llama.cpp reference runs, 32 KV slots; the clients are
-    threads of this process. The largest batch is read off ``/health`` while the load runs."""
+    threads of this process. How many sequences were in flight at once is read off ``/health``."""
     import threading
 
     import httpx
