@@ -327,6 +327,12 @@ def _derived_weights(model, quantize: str | None, rows: int, pack: bool):
     return weights
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``; a tensor already in it is returned as it is, without dispatching a no-op
+    ``to`` (the step would otherwise make a few hundred such calls per token)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # The arithmetic of one layer, per architecture. Each class reads its config and the tensors that
 # are not projections (norms, embeddings, position tables) once per decoder, and gives the decoder:
@@ -406,9 +412,9 @@ class _Llama:
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """transformers' LlamaRMSNorm (in fp32, then back to x's dtype)."""
-        h = x if x.dtype == torch.float32 else x.float()
+        h = _cast(x, torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * (h if x.dtype == torch.float32 else h.to(x.dtype))
+        return weight * _cast(h, x.dtype)
 
     def embed(self, input_ids, pos):
         c, s = self.cos[pos][:, None, :], self.sin_signed[pos][:, None, :]  # (B, 1, hd)
@@ -420,8 +426,7 @@ class _Llama:
         b, hd = x.shape[0], self.head_dim
         h = self._rms(x, L["ln1"])
         if "qkv" in L:
-            r = L["qkv"](h)
-            r = r if r.dtype == x.dtype else r.to(x.dtype)
+            r = _cast(L["qkv"](h), x.dtype)
         else:
             r = torch.cat([L["q"](h), L["k"](h), L["v"](h)], dim=-1)
         r = r.view(b, -1, 2, hd // 2)  # (B, heads, the two halves of each head)
@@ -434,7 +439,7 @@ class _Llama:
         if "gate_up" in L:
             gate, up = L["gate_up"](h).chunk(2, dim=-1)
             # the product in x's dtype, rounded once for the next kernel (as with separate projections)
-            return L["down"](F.silu(gate.to(x.dtype)) * up)
+            return L["down"](F.silu(_cast(gate, x.dtype)) * up)
         return L["down"](F.silu(L["gate"](h)) * L["up"](h))
 
     def final(self, x):
@@ -510,8 +515,7 @@ class _GPT2:
         return F.embedding(input_ids, self.wte) + F.embedding(pos, self.wpe), None  # (B, C)
 
     def qkv(self, L, x, ctx):
-        r = L["qkv"](self._ln(x, L["ln1"]))
-        return (r if r.dtype == x.dtype else r.to(x.dtype)).view(x.shape[0], 3 * self.n_heads, self.head_dim)
+        return _cast(L["qkv"](self._ln(x, L["ln1"])), x.dtype).view(x.shape[0], 3 * self.n_heads, self.head_dim)
 
     def mlp(self, L, x):
         return L["proj"](self.act(L["fc"](self._ln(x, L["ln2"]))))
@@ -662,7 +666,7 @@ def _attend(q, keys, values, blocked, scale):
     if blocked is not None:
         s.masked_fill_(blocked, float("-inf"))
     p = torch.softmax(s, dim=-1, dtype=torch.float32)
-    return torch.matmul(p if p.dtype == values.dtype else p.to(values.dtype), values)  # (B, kv heads, group, hd)
+    return torch.matmul(_cast(p, values.dtype), values)  # (B, kv heads, group, hd)
 
 
 class SlotDecoder(FastDecoder):
@@ -713,13 +717,13 @@ class SlotDecoder(FastDecoder):
     def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
         """Append ``tokens[b]`` to the sequence in ``slots[b]``; float32 logits (B, vocab) of the next ones."""
         device = self.device
-        pos = torch.tensor([self.lengths[s] for s in slots], device=device)
-        upto = max(self.lengths[s] for s in slots) + 1
+        lengths = [self.lengths[s] for s in slots]
+        pos = torch.tensor(lengths, device=device)
+        upto = max(lengths) + 1
         if upto > self.limit:
             raise StyletuneError(f"the decode cache holds {self.limit} positions; all are used")
         # Each row sees its own filled positions; rows of one length need no mask, and write at one position.
-        lengths = {self.lengths[s] for s in slots}
-        mask = None if len(lengths) == 1 else (
+        mask = None if len(set(lengths)) == 1 else (
             torch.arange(upto, device=device)[None, :] <= pos[:, None])[:, None, None, :]
         ids = torch.tensor(tokens, device=device)[:, None]
         consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
