@@ -1071,8 +1071,10 @@ def measure_train_compute_floor(s: Settings, rank: int = 16, chunk: int = 512, d
 
     - LoRA's rank-r products on every weight matrix but the head: ``x @ A^T`` and ``h @ B^T``
       forward; ``dy @ B``, ``dy^T @ h``, ``dh^T @ x`` and ``dh @ A`` backward.
-    - Attention: the fused causal ``scaled_dot_product_attention`` of every layer, forward
-      and backward, at the model's head counts (grouped-query where the model has it).
+    - Attention of every layer, forward and backward, at the model's head counts (grouped-query
+      where the model has it): the faster of the fused causal ``scaled_dot_product_attention``
+      and the two products with a softmax between them (``styletune.attention.grouped_attention``),
+      with freed memory kept for reuse, as ``styletune train`` keeps it.
     - The loss's softmax over the vocabulary: ``log_softmax`` and ``exp`` of every token's
       logits, ``chunk`` rows at a time into reused buffers.
 
@@ -1081,6 +1083,9 @@ def measure_train_compute_floor(s: Settings, rank: int = 16, chunk: int = 512, d
     """
     import torch
     import torch.nn.functional as F
+
+    from styletune.attention import grouped_attention
+    from styletune.training import keep_freed_memory
 
     config, dtype, weights, acts, tokens = _step_products(s, dtype)
     head = max(weights, key=lambda w: w.shape[0])  # the output head: the widest matrix
@@ -1116,18 +1121,29 @@ def measure_train_compute_floor(s: Settings, rank: int = 16, chunk: int = 512, d
                 dh.t() @ x
                 dh @ a
 
-    def attention():
-        for _ in range(layers):
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != heads)
-            out.backward(d_out)
-        q.grad = k.grad = v.grad = None
+    def attention_with(form):
+        def attention():
+            for _ in range(layers):
+                form().backward(d_out)
+            q.grad = k.grad = v.grad = None
+        return attention
+
+    keep_freed_memory()
+    fused = attention_with(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                  enable_gqa=kv_heads != heads))
+    products_form = attention_with(lambda: grouped_attention(q, k, v).transpose(1, 2))
+    forms = {}
+    for name, fn in (("fused", fused), ("two products", products_form)):
+        fn()
+        forms[name] = best_of(fn, 3)[0]
+    attention_form = min(forms, key=forms.get)
 
     def loss_softmax():
         for _ in range(0, tokens, chunk):
             torch.log_softmax(logits, dim=-1, out=logp).exp_()
 
-    parts = {"products": products, "LoRA products": lora_products, "attention": attention,
-             "loss softmax": loss_softmax}
+    parts = {"products": products, "LoRA products": lora_products,
+             "attention": fused if attention_form == "fused" else products_form, "loss softmax": loss_softmax}
     best = {}
     for name, fn in parts.items():
         fn()
@@ -1137,7 +1153,8 @@ def measure_train_compute_floor(s: Settings, rank: int = 16, chunk: int = 512, d
         "value": tokens / total, "unit": "useful tokens/s (upper bound)",
         "timing": "each part: 1 warm-up pass, best of 3; summed",
         "notes": f"{str(dtype).replace('torch.', '')}, {tokens} tokens, LoRA rank {rank} on {len(projections)} "
-                 f"matrices, {layers} layers of attention ({heads} heads, {kv_heads} key/value heads); "
+                 f"matrices, {layers} layers of attention ({heads} heads, {kv_heads} key/value heads; "
+                 + ", ".join(f"{name} {sec:.2f} s" for name, sec in forms.items()) + "); "
                  + "; ".join(f"{name} {sec:.2f} s" for name, sec in best.items()) + f"; total {total:.2f} s",
         "seconds": total,
     }

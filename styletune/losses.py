@@ -44,31 +44,30 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         # as the arithmetic (page faults, and a temporary inside logsumexp).
         logits_buf = torch.empty(min(chunk, n), vocab, dtype=torch.float32, device=hidden.device)
         logp_buf = torch.empty_like(logits_buf)
-        # The head's product goes straight into the buffer when nothing needs casting.
-        autocast = torch.is_autocast_enabled(hidden.device.type)
-        plain_fp32 = (hidden.dtype == weight.dtype == torch.float32 and not autocast
-                      and (bias is None or bias.dtype == torch.float32))
-        # Otherwise the product runs in the autocast (or the hidden states') dtype, as the model's own
-        # head would, on a copy of the weight cast once here: autocast caches only the casts of weights
-        # that need gradients, so a frozen head (LoRA) would be cast again by every chunk's product and
+        # The head's product runs in the autocast (or the hidden states') dtype, as the model's own head
+        # would, on a copy of the weight cast once here: autocast caches only the casts of weights that
+        # need gradients, so a frozen head (LoRA) would be cast again by every chunk's product and
         # gradient (a 49152x576 matrix: ~8 casts per micro-batch of 2048 rows).
+        autocast = torch.is_autocast_enabled(hidden.device.type)
         low = torch.get_autocast_dtype(hidden.device.type) if autocast else hidden.dtype
-        weight_low = weight if plain_fp32 or weight.dtype == low else weight.detach().to(low)
+        weight_low = weight.detach().to(low)
         bias_low = None if bias is None else bias.detach().to(low)
+        # In low precision the product goes to a third buffer, which then holds the gradient cast down
+        # for its own product: fresh (chunk, vocab) tensors cost ~25 ms of page faults each (SmolLM2, one core).
+        low_buf = None if low == torch.float32 else torch.empty_like(logits_buf, dtype=low)
         for s in range(0, n, chunk):
             h = hidden[s:s + chunk]
             m = h.shape[0]
             safe_t = targets[s:s + chunk].clamp(min=0)[:, None]
             invalid = ~valid_all[s:s + chunk]
             logits = logits_buf[:m]
-            if plain_fp32:
-                torch.mm(h, weight.t(), out=logits)
-                if bias is not None:
-                    logits += bias
-            else:
-                # Under autocast the matmul runs in bf16, like the model's own head; the loss is fp32.
-                with torch.autocast(hidden.device.type, enabled=False):
-                    logits.copy_(torch.nn.functional.linear(h.to(low), weight_low, bias_low))
+            product = logits if low_buf is None else low_buf[:m]
+            with torch.autocast(hidden.device.type, enabled=False):
+                torch.mm(h.to(low), weight_low.t(), out=product)
+            if bias_low is not None:
+                product += bias_low
+            if low_buf is not None:
+                logits.copy_(product)  # the loss is fp32
             logp = torch.log_softmax(logits, dim=-1, out=logp_buf[:m])
             total -= logp.gather(1, safe_t)[:, 0].masked_fill(invalid, 0.0).sum()
             if not (need_h or need_w or need_b):
@@ -81,7 +80,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             if need_h:
                 # In the product's dtype (bf16 under autocast, as autocast's own backward would be),
                 # accumulated in fp32 inside the matrix product.
-                g_low = g if low == torch.float32 else g.to(low)
+                g_low = g if low_buf is None else low_buf[:m].copy_(g)
                 grad_h[s:s + chunk] = (g_low @ weight_low).to(hidden.dtype)
             if need_w:
                 grad_w.addmm_(g.t(), h.float())
