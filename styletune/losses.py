@@ -24,12 +24,29 @@ IGNORE_INDEX = -100
 
 
 
+class LossBuffers:
+    """The chunked loss's (chunk, vocab) work buffers, kept from one call to the next: fp32 logits,
+    their log-softmax (which becomes the gradient in place), and the low-precision product under
+    autocast. Fresh 100 MB tensors per call cost a CPU as much as the arithmetic: in a SmolLM2
+    training step (batch 8 x 256, one EPYC core) a log-softmax into a freshly allocated buffer
+    took 50-300 ms, 19 ms into one already in use (page faults)."""
+
+    def __init__(self):
+        self._held: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, rows: int, cols: int, dtype: torch.dtype, device) -> torch.Tensor:
+        held = self._held.get(name)
+        if held is None or held.shape[0] < rows or held.shape[1] != cols or held.dtype != dtype or held.device != device:
+            held = self._held[name] = torch.empty(rows, cols, dtype=dtype, device=device)
+        return held
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``hidden @ weight.T (+ bias)`` against ``targets``,
     computed ``chunk`` rows at a time; gradients are made during the forward pass."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk: int):
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, buffers: LossBuffers | None = None):
         n, vocab = hidden.shape[0], weight.shape[0]
         valid_all = targets != IGNORE_INDEX
         count = valid_all.sum().clamp(min=1).to(torch.float32)
@@ -39,11 +56,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        # Two fp32 (chunk, vocab) buffers, reused by every chunk: the logits and their log-softmax,
-        # which becomes the gradient in place. Fresh 100 MB tensors per chunk cost a CPU as much
-        # as the arithmetic (page faults, and a temporary inside logsumexp).
-        logits_buf = torch.empty(min(chunk, n), vocab, dtype=torch.float32, device=hidden.device)
-        logp_buf = torch.empty_like(logits_buf)
+        # Two fp32 (chunk, vocab) buffers, reused by every chunk (and, given ``buffers``, every call):
+        # the logits and their log-softmax, which becomes the gradient in place.
+        buffers = buffers or LossBuffers()
+        rows = min(chunk, n)
+        logits_buf = buffers.get("logits", rows, vocab, torch.float32, hidden.device)
+        logp_buf = buffers.get("logp", rows, vocab, torch.float32, hidden.device)
         # The head's product runs in the autocast (or the hidden states') dtype, as the model's own head
         # would, on a copy of the weight cast once here: autocast caches only the casts of weights that
         # need gradients, so a frozen head (LoRA) would be cast again by every chunk's product and
@@ -53,8 +71,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         weight_low = weight.detach().to(low)
         bias_low = None if bias is None else bias.detach().to(low)
         # In low precision the product goes to a third buffer, which then holds the gradient cast down
-        # for its own product: fresh (chunk, vocab) tensors cost ~25 ms of page faults each (SmolLM2, one core).
-        low_buf = None if low == torch.float32 else torch.empty_like(logits_buf, dtype=low)
+        # for its own product.
+        low_buf = None if low == torch.float32 else buffers.get("low", rows, vocab, low, hidden.device)
         for s in range(0, n, chunk):
             h = hidden[s:s + chunk]
             m = h.shape[0]
@@ -97,13 +115,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         out = []
         for x, need, dtype in zip(saved, ctx.needs, ctx.dtypes):
             out.append((x * grad_out).to(dtype) if need else None)
-        return out[0], out[1], out[2], None, None
+        return out[0], out[1], out[2], None, None, None
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor,
-                          chunk: int = 512) -> torch.Tensor:
+                          chunk: int = 512, buffers: LossBuffers | None = None) -> torch.Tensor:
     """Mean next-token loss for flattened ``hidden`` (N, d) and ``targets`` (N,)."""
-    return ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk)
+    return ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk, buffers)
 
 
 def _hf_model(model):
@@ -120,10 +138,12 @@ def supports_chunked_loss(model) -> bool:
             and type(head) is torch.nn.Linear and inner.base_model is not inner)
 
 
-def causal_lm_loss(model, input_ids: torch.Tensor, chunked: bool | None = None) -> torch.Tensor:
+def causal_lm_loss(model, input_ids: torch.Tensor, chunked: bool | None = None,
+                   buffers: LossBuffers | None = None) -> torch.Tensor:
     """Mean next-token loss of ``input_ids`` (B, T) under ``model``, every position a target.
 
-    ``chunked=None`` uses the chunked head + loss where the model allows it.
+    ``chunked=None`` uses the chunked head + loss where the model allows it; ``buffers`` keeps its
+    work buffers for the next call.
     """
     if chunked is None:
         chunked = supports_chunked_loss(model)
@@ -133,17 +153,19 @@ def causal_lm_loss(model, input_ids: torch.Tensor, chunked: bool | None = None) 
     hidden = inner.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
     d = hidden.shape[-1]
     return chunked_cross_entropy(hidden[:, :-1].reshape(-1, d), inner.get_output_embeddings(),
-                                 input_ids[:, 1:].reshape(-1))
+                                 input_ids[:, 1:].reshape(-1), buffers=buffers)
 
 
 class LossOf(torch.nn.Module):
     """``model``'s mean next-token loss as a module: what DDP wraps, so that the forward the loop
-    calls is the wrapper's (which prepares its gradient all-reduce), not the inner model's."""
+    calls is the wrapper's (which prepares its gradient all-reduce), not the inner model's. It
+    keeps the chunked loss's work buffers from one micro-batch to the next."""
 
     def __init__(self, model, chunked: bool | None = None):
         super().__init__()
         self.model = model
         self.chunked = chunked
+        self.buffers = LossBuffers()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return causal_lm_loss(self.model, input_ids, self.chunked)
+        return causal_lm_loss(self.model, input_ids, self.chunked, self.buffers)
