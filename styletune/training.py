@@ -182,6 +182,8 @@ class LoopState:
     best_val_loss: float | None = None
     best_step: int | None = None
     evals_since_best: int = 0
+    eval_every: int = 0
+    """Steps between evaluations as planned at the start (0: a checkpoint from before it was kept)."""
 
     @classmethod
     def from_checkpoint(cls, saved: dict) -> "LoopState":
@@ -401,7 +403,8 @@ class _Run:
         self.loss_of, self.compiled = LossOf(model), []
         t0 = time.perf_counter()
         self.baseline = None if resume_from else self.evaluate()
-        self.eval_s = time.perf_counter() - t0  # what one evaluation costs: --time-budget keeps room for them
+        # What one evaluation costs, the slowest rank's: --time-budget plans the evaluations from it.
+        self.eval_s = procs.max(time.perf_counter() - t0)
         self.compiled = compile_layers(model) if cfg.compile else []
         self.wrapped = procs.wrap(model, layer_stack(model)[1], fsdp)
         if fsdp:
@@ -437,8 +440,11 @@ class _Run:
             self.state = state = LoopState(global_batch=global_batch)
             state.total_steps = plan_steps(cfg, self.plan, lambda: self._falling_back(lambda: self._micro_step(0, 0)),
                                            self.wrapped, echo, procs, eval_s=self.eval_s)
-        # About ten evaluations over the run whatever its length, unless --eval-every says otherwise.
-        self.eval_every = cfg.eval_every or max(1, round(state.total_steps / 10))
+        # About ten evaluations over the run whatever its length (fewer in a short --time-budget),
+        # unless --eval-every says otherwise; a resumed run keeps its planned interval.
+        if not state.eval_every:
+            state.eval_every = max(1, round(state.total_steps / planned_evaluations(cfg, self.eval_s)))
+        self.eval_every = cfg.eval_every or state.eval_every
         self.prompts = cfg.eval_prompts or default_prompts(data, tokenizer)
         which = (f" (top {cfg.train_layers} layers)" if cfg.train_layers else "") + (", compiled" if self.compiled else "")
         where = f"{procs.world} processes on {device.split(':')[0]}" if procs.world > 1 else device
@@ -712,7 +718,19 @@ def warnings_quiet():
 
 
 # A time-budget run evaluates about this many times (every tenth of its steps, and at the end).
-_PLANNED_EVALS = 11
+_EVALUATIONS = 10
+
+
+_EVAL_SHARE = 0.15
+
+
+def planned_evaluations(cfg: TrainConfig, eval_s: float) -> int:
+    """How many evaluations the run makes, its last one included: ten, or, under --time-budget, as
+    many as fit in 15% of it at ``eval_s`` each (at least one). Without the cap, ten evaluations of the
+    bench's King James corpus (~37 s each with their samples) took half of a 10-minute budget."""
+    if not cfg.time_budget or eval_s <= 0:
+        return _EVALUATIONS
+    return max(1, min(_EVALUATIONS, int(_EVAL_SHARE * parse_duration(cfg.time_budget) / eval_s)))
 
 
 def plan_steps(cfg: TrainConfig, plan: StepPlan, one_pass: Callable[[], object], model, echo: Echo,
@@ -722,9 +740,10 @@ def plan_steps(cfg: TrainConfig, plan: StepPlan, one_pass: Callable[[], object],
     For a time budget, ``one_pass`` (a micro-batch's forward and backward) is timed twice (the
     first warms up, the second is measured; with several processes, the slowest one's); gradients
     and the RNG are restored afterwards, so planning does not change what training does. The plan
-    keeps room for the evaluations: ``eval_s`` (the base model's, measured) each, and at least 15% of
-    the budget for them, samples and checkpoints. The plan is an estimate; the loop also stops when
-    the budget is spent (:meth:`_Run.loop`).
+    keeps room for the evaluations (:func:`planned_evaluations`) at ``eval_s`` (the base model's,
+    measured, the slowest rank's) each, and at least 15% of the budget for them, samples and
+    checkpoints. The plan is an estimate; the loop also stops when the budget is spent
+    (:meth:`_Run.loop`).
     """
     candidates = []
     if cfg.max_steps:
@@ -743,10 +762,13 @@ def plan_steps(cfg: TrainConfig, plan: StepPlan, one_pass: Callable[[], object],
         model.zero_grad(set_to_none=True)
         ckpt.set_rng_state(rng)
         per_step = (procs.max(timings[-1]) if procs else timings[-1]) * plan.accum
-        eval_s = procs.max(eval_s) if procs else eval_s  # every rank must plan the same steps
-        reserve = min(0.5 * budget, max(0.15 * budget, _PLANNED_EVALS * eval_s))
+        # Room for the planned evaluations and one more (the last, samples and checkpoints), at least
+        # 15% of the budget and at most half.
+        reserve = min(0.5 * budget, max(0.15 * budget, (planned_evaluations(cfg, eval_s) + 1) * eval_s))
         steps = max(1, int((budget - reserve) / per_step))
-        echo(f"time budget {cfg.time_budget}: {per_step:.2f} s/step measured -> {steps} steps")
+        evals = planned_evaluations(cfg, eval_s)
+        echo(f"time budget {cfg.time_budget}: {per_step:.2f} s/step measured -> {steps} steps, "
+             f"{evals} evaluation{'s' if evals != 1 else ''} at {eval_s:.1f} s")
         candidates.append(steps)
     if not candidates:
         candidates.append(plan.steps_for_epochs(1))  # one epoch

@@ -295,6 +295,30 @@ def test_time_budget_is_wall_time(tmp_path, tiny_model_dirs, corpus, monkeypatch
     assert (Path(cfg.out) / "final").is_dir() and (Path(cfg.out) / "best").is_dir()
 
 
+@pytest.mark.parametrize("budget,eval_s,evals", [(600, 37.0, 2), (600, 1.0, 10), (60, 100.0, 1), (None, 37.0, 10)])
+def test_a_time_budget_keeps_its_evaluations_within_15_percent_of_it(budget, eval_s, evals):
+    from styletune.training import planned_evaluations
+
+    cfg = TrainConfig(out="x", time_budget=f"{budget}s" if budget else None)
+    assert planned_evaluations(cfg, eval_s) == evals
+
+
+def test_slow_evaluations_in_a_time_budget_are_fewer(tmp_path, tiny_model_dirs, corpus, monkeypatch):
+    """Each evaluation made 0.5 s slower: a 5 s budget plans one (the last) instead of ten, and the
+    run still ends with it."""
+    import styletune.training as T
+
+    real = T._Run.evaluate
+    monkeypatch.setattr(T._Run, "evaluate", lambda self: time.sleep(0.5) or real(self))
+    cfg = config(tmp_path, tiny_model_dirs["llama"], corpus, max_steps=None, time_budget="5s", eval_every=None)
+    messages = []
+    result = train(cfg, echo=messages.append)
+    assert any("-> " in m and " 1 evaluation at " in m for m in messages), messages
+    rows = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["step"] for r in rows if "val_loss" in r]
+    assert evals[0] == 0 and evals[-1] == result.steps and len(evals) <= 3  # the baseline, the last, at most one more
+
+
 def test_merge_gives_the_same_logits(tmp_path, tiny_model_dirs, corpus):
     from transformers import AutoModelForCausalLM
 
