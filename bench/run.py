@@ -1428,7 +1428,7 @@ def measure_quality_plain_loop(s: Settings) -> dict:
 
 def measure_quality_styletune(s: Settings, budget: int | None = None) -> dict:
     """Time to quality: ``styletune train --time-budget <longest mark>`` at default settings (LoRA,
-    batch 8, block 128, about ten evaluations) on the same blocks; the figure at each mark is the
+    batch 8, block 128, its evaluations planned to the budget) on the same blocks; the figure at each mark is the
     best held-out perplexity evaluated by then (what ``best/`` holds). The clock is the run's
     ``elapsed_s``: the wall time a user waits, its own evaluations, samples and checkpoints
     included (the reference's clock counts its training steps only, so this is the stricter one)."""
