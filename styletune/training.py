@@ -717,11 +717,10 @@ def warnings_quiet():
         yield
 
 
-# A time-budget run evaluates about this many times (every tenth of its steps, and at the end).
 _EVALUATIONS = 10
-
-
+"""Evaluations over a run, its last one included, unless --eval-every says otherwise."""
 _EVAL_SHARE = 0.15
+"""The most of a --time-budget its planned evaluations may take."""
 
 
 def planned_evaluations(cfg: TrainConfig, eval_s: float) -> int:
@@ -762,11 +761,11 @@ def plan_steps(cfg: TrainConfig, plan: StepPlan, one_pass: Callable[[], object],
         model.zero_grad(set_to_none=True)
         ckpt.set_rng_state(rng)
         per_step = (procs.max(timings[-1]) if procs else timings[-1]) * plan.accum
-        # Room for the planned evaluations and one more (the last, samples and checkpoints), at least
-        # 15% of the budget and at most half.
-        reserve = min(0.5 * budget, max(0.15 * budget, (planned_evaluations(cfg, eval_s) + 1) * eval_s))
-        steps = max(1, int((budget - reserve) / per_step))
+        # Room for the planned evaluations and one more (samples and checkpoints), at least 15% of the
+        # budget and at most half.
         evals = planned_evaluations(cfg, eval_s)
+        reserve = min(0.5 * budget, max(0.15 * budget, (evals + 1) * eval_s))
+        steps = max(1, int((budget - reserve) / per_step))
         echo(f"time budget {cfg.time_budget}: {per_step:.2f} s/step measured -> {steps} steps, "
              f"{evals} evaluation{'s' if evals != 1 else ''} at {eval_s:.1f} s")
         candidates.append(steps)
