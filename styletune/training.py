@@ -596,6 +596,24 @@ class _Run:
 
     # ---- the loop
 
+    def _replan(self, step_times: list[float], budget: float, evals_made: int) -> int:
+        """--time-budget's step count planned again from this process's steps after its first (the
+        slowest rank's), with room for the evaluations still to come; the evaluation interval follows
+        unless --eval-every fixed it. Returns the new total (also in the loop state)."""
+        cfg, state, procs = self.cfg, self.state, self.procs
+        per_step = procs.max(sum(step_times[1:]) / (len(step_times) - 1))
+        evals = planned_evaluations(cfg, self.eval_s)
+        fit = steps_in_budget(budget, state.step, procs.max(state.elapsed_s), per_step, max(0, evals - evals_made),
+                              self.eval_s)
+        total = min([fit, *length_caps(cfg, self.plan)])
+        if total != state.total_steps:
+            self.echo(f"time budget {cfg.time_budget}: the last {len(step_times) - 1} steps took {per_step:.2f} s "
+                      f"each -> {total} steps")
+            state.total_steps = total
+            state.eval_every = max(1, round(total / evals))
+            self.eval_every = cfg.eval_every or state.eval_every
+        return total
+
     def loop(self, progress: bool, on_step) -> TrainResult:
         cfg, state, out, echo, procs = self.cfg, self.state, self.out, self.echo, self.procs
         total = state.total_steps
@@ -616,6 +634,7 @@ class _Run:
                     echo(f"step 0/{total}: val loss {self.baseline:.4f} (ppl {math.exp(self.baseline):.2f}) "
                          "before training")
                 self.wrapped.train()
+                step_times, evals_made = [], 0
                 while state.step < total:
                     t0 = time.perf_counter()
                     loss, step_tokens, lr = self.step()
@@ -625,6 +644,10 @@ class _Run:
                     _write_metric(metrics, {"step": step, "loss": round(loss, 6), "lr": lr,
                                             "tokens_seen": state.tokens_seen, "elapsed_s": round(state.elapsed_s, 3),
                                             "tokens_per_s": round(step_tokens / dt, 1)})
+                    step_times.append(dt)
+                    if budget is not None and len(step_times) == _REPLAN_AT and step < total:
+                        total = self._replan(step_times, budget, evals_made)
+                        bar.total = total
                     result.train_loss = loss
                     if on_step:
                         on_step(step, self.model)
@@ -634,7 +657,7 @@ class _Run:
                                and procs.any(state.elapsed_s + dt + eval_cost >= budget))
                     last = step == total or time_up
                     if step % self.eval_every == 0 or last:
-                        t_eval = time.perf_counter()
+                        t_eval, evals_made = time.perf_counter(), evals_made + 1
                         val = self.evaluate()
                         if val is not None:
                             last_val = val
@@ -732,6 +755,25 @@ def planned_evaluations(cfg: TrainConfig, eval_s: float) -> int:
     return max(1, min(_EVALUATIONS, int(_EVAL_SHARE * parse_duration(cfg.time_budget) / eval_s)))
 
 
+_REPLAN_AT = 3
+"""Under --time-budget the step count is planned again after this step, from the steps after the
+first (which warms up): the pass timed before training ran about 15% slower than the steps did."""
+
+
+def steps_in_budget(budget: float, done: int, elapsed: float, per_step: float, evals: int, eval_s: float) -> int:
+    """Optimizer steps in all that fit ``budget`` seconds when ``done`` steps took ``elapsed`` s and
+    each further one takes ``per_step`` s, leaving room for ``evals`` more evaluations of ``eval_s``
+    each and a margin of one step or 3% of the budget (samples, checkpoints, a slow step), whichever
+    is larger. At least ``done + 1``: the loop's own check ends a run whose budget is spent."""
+    room = budget - elapsed - evals * eval_s - max(per_step, 0.03 * budget)
+    return done + max(1, int(room / per_step))
+
+
+def length_caps(cfg: TrainConfig, plan: StepPlan) -> list[int]:
+    """The step counts --max-steps and --epochs allow."""
+    return ([cfg.max_steps] if cfg.max_steps else []) + ([plan.steps_for_epochs(cfg.epochs)] if cfg.epochs else [])
+
+
 def plan_steps(cfg: TrainConfig, plan: StepPlan, one_pass: Callable[[], object], model, echo: Echo,
                procs=None, eval_s: float = 0.0) -> int:
     """Total optimizer steps from --max-steps, --epochs and --time-budget (the smallest wins).
@@ -740,15 +782,11 @@ def plan_steps(cfg: TrainConfig, plan: StepPlan, one_pass: Callable[[], object],
     first warms up, the second is measured; with several processes, the slowest one's); gradients
     and the RNG are restored afterwards, so planning does not change what training does. The plan
     keeps room for the evaluations (:func:`planned_evaluations`) at ``eval_s`` (the base model's,
-    measured, the slowest rank's) each, and at least 15% of the budget for them, samples and
-    checkpoints. The plan is an estimate; the loop also stops when the budget is spent
+    measured, the slowest rank's) each (:func:`steps_in_budget`). It is an estimate: the loop plans
+    again from its first steps (:data:`_REPLAN_AT`), and stops when the budget is spent
     (:meth:`_Run.loop`).
     """
-    candidates = []
-    if cfg.max_steps:
-        candidates.append(cfg.max_steps)
-    if cfg.epochs:
-        candidates.append(plan.steps_for_epochs(cfg.epochs))
+    candidates = length_caps(cfg, plan)
     if cfg.time_budget:
         budget = parse_duration(cfg.time_budget)
         rng = ckpt.rng_state()
@@ -761,11 +799,8 @@ def plan_steps(cfg: TrainConfig, plan: StepPlan, one_pass: Callable[[], object],
         model.zero_grad(set_to_none=True)
         ckpt.set_rng_state(rng)
         per_step = (procs.max(timings[-1]) if procs else timings[-1]) * plan.accum
-        # Room for the planned evaluations and one more (samples and checkpoints), at least 15% of the
-        # budget and at most half.
         evals = planned_evaluations(cfg, eval_s)
-        reserve = min(0.5 * budget, max(0.15 * budget, (evals + 1) * eval_s))
-        steps = max(1, int((budget - reserve) / per_step))
+        steps = steps_in_budget(budget, 0, 0.0, per_step, evals, eval_s)
         echo(f"time budget {cfg.time_budget}: {per_step:.2f} s/step measured -> {steps} steps, "
              f"{evals} evaluation{'s' if evals != 1 else ''} at {eval_s:.1f} s")
         candidates.append(steps)

@@ -283,6 +283,7 @@ def test_time_budget_is_wall_time(tmp_path, tiny_model_dirs, corpus, monkeypatch
     import styletune.training as T
 
     monkeypatch.setattr(T, "plan_steps", lambda *a, **k: 100_000)
+    monkeypatch.setattr(T, "steps_in_budget", lambda *a, **k: 100_000)  # and so planned again
     cfg = config(tmp_path, tiny_model_dirs["llama"], corpus, max_steps=None, time_budget="3s", eval_every=1000)
     messages = []
     result = train(cfg, echo=messages.append)
@@ -293,6 +294,38 @@ def test_time_budget_is_wall_time(tmp_path, tiny_model_dirs, corpus, monkeypatch
     rows = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
     assert any(r["step"] == result.steps and "val_loss" in r for r in rows)  # the last evaluation
     assert (Path(cfg.out) / "final").is_dir() and (Path(cfg.out) / "best").is_dir()
+
+
+def test_a_time_budget_is_planned_again_from_the_first_steps(tmp_path, tiny_model_dirs, corpus, monkeypatch):
+    """A plan made before training far too cautious (here: 4 steps for a 4 s budget of
+    millisecond steps) is made again after the first steps, so the run uses its budget, with
+    its learning rate decayed over the new plan and its evaluations spread over it."""
+    import styletune.training as T
+
+    monkeypatch.setattr(T, "plan_steps", lambda *a, **k: 4)
+    cfg = config(tmp_path, tiny_model_dirs["llama"], corpus, max_steps=None, time_budget="4s", eval_every=None)
+    messages = []
+    result = train(cfg, echo=messages.append)
+    assert result.total_steps > 4 and result.steps > 4
+    assert any(f"-> {result.total_steps} steps" in m and "the last 2 steps took" in m for m in messages), messages
+    assert 2.0 < result.elapsed_s < 4.0 + 1.0
+    rows = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in rows if "lr" in r}
+    # step s trains at lr_at(s - 1): the new plan's schedule
+    assert lrs[result.steps] == pytest.approx(T.lr_at(result.steps - 1, result.total_steps, cfg.validate()))
+    evals = [r["step"] for r in rows if "val_loss" in r]
+    assert 5 <= len(evals) <= 12 and evals[-1] == result.steps  # about ten over the new plan, the baseline too
+
+
+def test_steps_in_budget_leave_room_for_the_evaluations():
+    from styletune.training import steps_in_budget
+
+    # 3 steps took 15 s; 4.8 s per step from here; one 30 s evaluation; a margin of 9 s (3% of 300)
+    steps = steps_in_budget(300, 3, 15.0, 4.8, 1, 30.0)
+    assert steps == 3 + int((300 - 15 - 30 - 9) / 4.8)
+    assert 15 + (steps - 3) * 4.8 + 30 <= 300 < 15 + (steps - 2) * 4.8 + 30 + 9
+    assert steps_in_budget(300, 3, 290.0, 4.8, 1, 30.0) == 4  # over already: one more, the loop stops it
+    assert steps_in_budget(300, 0, 0.0, 20.0, 2, 30.0) == 0 + int((300 - 60 - 20) / 20)  # the margin: one step
 
 
 @pytest.mark.parametrize("budget,eval_s,evals", [(600, 37.0, 2), (600, 1.0, 10), (60, 100.0, 1), (None, 37.0, 10)])
