@@ -510,8 +510,11 @@ class _Run:
             # Stop before the optimizer step, so no non-finite weight is ever written.
             raise StyletuneError(f"the loss became {loss} at step {state.step + 1}; stopped without "
                                  "saving these weights (try a lower --lr)")
+        # The gradient's norm before clipping, logged as transformers' Trainer logs it.
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+            torch.nn.utils.clip_grads_with_norm_(self.params, cfg.grad_clip, norm)
+        self.grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
@@ -642,6 +645,7 @@ class _Run:
                     dt = time.perf_counter() - t0
                     state.elapsed_s = time.perf_counter() - t_start
                     _write_metric(metrics, {"step": step, "loss": round(loss, 6), "lr": lr,
+                                            "grad_norm": round(self.grad_norm, 4),
                                             "tokens_seen": state.tokens_seen, "elapsed_s": round(state.elapsed_s, 3),
                                             "tokens_per_s": round(step_tokens / dt, 1)})
                     step_times.append(dt)

@@ -80,7 +80,8 @@ def test_run_directory_contents(tmp_path, tiny_model_dirs, corpus):
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 9))
-    assert all({"step", "loss", "lr", "tokens_seen", "elapsed_s"} <= set(r) for r in steps)
+    assert all({"step", "loss", "lr", "grad_norm", "tokens_seen", "elapsed_s"} <= set(r) for r in steps)
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in steps)
     assert steps[-1]["tokens_seen"] == 8 * 4 * 32
     assert [r["step"] for r in evals] == [0, 4, 8]  # step 0: the base model, before training
     assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]), rel=1e-3) for r in evals)
@@ -255,6 +256,19 @@ def test_non_finite_weights_are_never_saved(tmp_path, tiny_model_dirs, corpus):
     with pytest.raises(StyletuneError, match="non-finite at step 2"):
         train(cfg, on_step=poison)
     assert ckpt.complete_checkpoints(Path(cfg.out)) == []
+
+
+def test_the_logged_gradient_norm_is_the_one_before_clipping(tmp_path, tiny_model_dirs, corpus):
+    """Step 1 starts from the same weights and batch whatever the clipping, so its gradient norm is
+    the same; clipping to a tiny norm slows what follows (the loss falls less)."""
+    norms, runs = {}, {}
+    for clip in (0.0, 1e-3):
+        cfg = config(tmp_path / str(clip), tiny_model_dirs["llama"], corpus, grad_clip=clip, max_steps=4, lr=1e-2)
+        train(cfg)
+        steps = [r for r in read_metrics(Path(cfg.out)) if "loss" in r]
+        norms[clip], runs[clip] = [r["grad_norm"] for r in steps], [r["loss"] for r in steps]
+    assert norms[1e-3][0] == pytest.approx(norms[0.0][0], rel=1e-6) and norms[0.0][0] > 1e-3 * 10
+    assert runs[1e-3][-1] > runs[0.0][-1]
 
 
 def test_early_stopping(tmp_path, tiny_model_dirs, corpus, monkeypatch):
