@@ -414,7 +414,11 @@ class _Run:
         self.params = params = [p for p in model.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=(0.9, 0.95), fused=device.startswith("cuda"))
+        # torch's fused kernel, on CPU too: one pass over each tensor instead of a chain of foreach
+        # ops (an AdamW step over LoRA's 4.9M parameters took 4.9 ms fused against 18.3 ms, over the
+        # full model's 134.5M 82 ms against 507, one thread here). Not for FSDP's sharded parameters.
+        fused = device.startswith("cuda") or (device == "cpu" and not fsdp)
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=(0.9, 0.95), fused=fused)
 
         # ---- how many steps, and each step's blocks
         n_blocks = len(data.train)
