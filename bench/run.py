@@ -437,7 +437,7 @@ def measure_budget_top_layers(s: Settings) -> dict:
 # Generation measurements
 
 
-def _hf_generate(s: Settings, prompts: list[str], static_compile: bool = False) -> dict:
+def _hf_generate(s: Settings, prompts: list[str], static_compile: bool = False, torchao_int8: bool = False) -> dict:
     """transformers ``generate``, greedy, exactly ``new_tokens`` new tokens per prompt (left-padded batch).
 
     ``static_compile``: transformers' own fast path, a static KV cache (``cache_implementation=
@@ -445,12 +445,23 @@ def _hf_generate(s: Settings, prompts: list[str], static_compile: bool = False) 
     ``generate`` does itself through its ``CompileConfig``. It compiles for CUDA-like devices only
     unless told otherwise (``_compile_all_devices``, transformers 5.x). The cache's length is the
     call's, so the warm-up call makes as many tokens as the timed ones (a shorter one would leave
-    the timed calls to recompile)."""
+    the timed calls to recompile).
+
+    ``torchao_int8``: every linear layer, the (untied) head too, as torchao's int8 weight-only
+    tensors (``quantize_(model, Int8WeightOnlyConfig())``, per-row scales, as styletune's
+    ``--quantize int8``); used with ``static_compile``, as torchao's documentation does."""
     import torch
 
     dtype = inference_dtype()
     model, tok = load_reference_model(s, dtype)
     model.eval()
+    if torchao_int8:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+        if head.weight is embed.weight:  # tied: the head gets its own copy, so the embedding stays dense
+            head.weight = torch.nn.Parameter(embed.weight.detach().clone())
+        quantize_(model, Int8WeightOnlyConfig())
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True)
     extra = {}
@@ -479,6 +490,8 @@ def _hf_generate(s: Settings, prompts: list[str], static_compile: bool = False) 
         "value": len(prompts) * s.new_tokens / best, "unit": "tokens/s",
         "timing": f"1 warm-up call ({warmup_tokens} tokens), best of {s.repeats}",
         "notes": f"{str(dtype).replace('torch.', '')}, batch {len(prompts)}, times {fmt_times(times)}"
+                 + (f"; torchao {package_version('torchao')} int8 weight-only (head included)"
+                    if torchao_int8 else "")
                  + (f"; static cache + torch.compile, warm-up call incl. compilation {warmup_s:.1f} s"
                     if static_compile else ""),
         "dtype": str(dtype).replace("torch.", ""), "token_ids": out[0].tolist(), "seconds": best,
@@ -697,6 +710,14 @@ def measure_styletune_generate_b8_int8dyn_compile(s: Settings) -> dict:
 def measure_hf_generate_b1_static_compile(s: Settings) -> dict:
     """Reference: transformers at its fastest on one prompt, a static cache and a compiled forward."""
     return _hf_generate(s, [PROMPT], static_compile=True)
+
+
+def measure_hf_generate_b1_torchao_int8(s: Settings) -> dict:
+    """Reference: transformers at its fastest with torchao's int8 weight-only layers (its
+    ``quantize_`` API; the row is skipped where torchao does not install)."""
+    if importlib.util.find_spec("torchao") is None:
+        return {"skipped": "torchao not installed (`make bench` installs it)"}
+    return _hf_generate(s, [PROMPT], static_compile=True, torchao_int8=True)
 
 
 def measure_hf_generate_b8(s: Settings) -> dict:
@@ -1521,6 +1542,7 @@ MEASUREMENTS = {
     "styletune_generate_b8_int8dyn_compile": ("generate", "styletune", measure_styletune_generate_b8_int8dyn_compile),
     "hf_generate_b8": ("generate", "reference", measure_hf_generate_b8),
     "hf_generate_b1_static_compile": ("generate", "reference", measure_hf_generate_b1_static_compile),
+    "hf_generate_b1_torchao_int8": ("generate", "reference", measure_hf_generate_b1_torchao_int8),
     "llamacpp_b1": ("generate", "reference", measure_llamacpp_b1),
     "styletune_tuned_b1": ("generate", "styletune", measure_styletune_tuned_b1),
     "llamacpp_tuned_q8_0_b1": ("generate", "reference", measure_llamacpp_tuned_q8_0_b1),
@@ -1584,6 +1606,10 @@ RATIOS = [
      "batch-1 greedy tokens/s vs transformers at its best"),
     ("styletune_b1_int8dyn_compile / hf_b1 static+compile", "styletune_generate_b1_int8dyn_compile",
      "hf_generate_b1_static_compile", "--quantize int8-dynamic --compile vs transformers at its best"),
+    ("styletune_b1_int8 / hf_b1 torchao int8", "styletune_generate_b1_int8", "hf_generate_b1_torchao_int8",
+     "--quantize int8 vs transformers with torchao's int8 weight-only layers, static cache, compiled"),
+    ("styletune_b1 / hf_b1 torchao int8", "styletune_generate_b1", "hf_generate_b1_torchao_int8",
+     "batch-1 tokens/s, default flags, vs transformers with torchao int8 at its best"),
     ("styletune_b1 / llamacpp", "styletune_generate_b1", "llamacpp_b1",
      "batch-1 tokens/s, default flags (--quantize auto), vs llama.cpp on the Q4_1 GGUF"),
     ("styletune_b1_exact / llamacpp", "styletune_generate_b1_exact", "llamacpp_b1",
