@@ -32,9 +32,8 @@ for ``int8``; see the README's performance section).
 ``torch._weight_int4pack_mm_for_cpu``): half the bytes of int8 again, lossy for weights that were
 trained in floating point. ``quantize="auto"`` (the command line's default) takes int4 only for
 matrices that are already on a 4-bit grid, so that nothing is lost but float rounding (a model
-dequantised from a Q4 GGUF, as the bundled SmolLM2 is), weight-only int8 for every other layer,
-and int8 weights and activations for an output head off the grid (:func:`_auto_head`): the fastest
-storage within 1% of exact perplexity in ``make bench`` (its ``quant_quality`` rows).
+dequantised from a Q4 GGUF, as the bundled SmolLM2 is), and weight-only int8 for every other one:
+the fastest storage within 1% of exact perplexity in ``make bench`` (its ``quant_quality`` rows).
 """
 
 from __future__ import annotations
@@ -207,19 +206,7 @@ def _lossless_int4(weight: torch.Tensor, bias: torch.Tensor | None = None):
     return _Int8Linear(weight, bias) if groups is None else _Int4Linear(weight, bias, groups)
 
 
-def _auto_head(weight: torch.Tensor, bias: torch.Tensor | None = None):
-    """``--quantize auto``'s output head: int4 on a 4-bit grid, else int8 weights and activations.
-    The head is the step's largest matrix and its last product, so only its one input is quantised
-    on the fly: in ``make bench`` (SmolLM2, whose head is Q8_0 in the GGUF, off the 4-bit grid) that
-    kept perplexity at 0.9996x exact where weight-only int8 gave 1.0006x, and the step ran 1.05x as
-    fast (the head ~1.1 ms against ~1.9 ms). The logits come out in fp32, not bf16."""
-    groups = _grid_groups(weight)
-    return _Int8DynamicLinear(weight, bias) if groups is None else _Int4Linear(weight, bias, groups)
-
-
 _QUANTIZED = {"int8": _Int8Linear, "int8-dynamic": _Int8DynamicLinear, "int4": _int4, "auto": _lossless_int4}
-_HEADS = {"auto": _auto_head}
-"""Formats whose output head is stored otherwise than their layers."""
 
 
 class _Dense:
@@ -332,7 +319,7 @@ def _derived_weights(model, quantize: str | None, rows: int, pack: bool):
         def Proj(w, bias=None):  # noqa: N802 - a constructor like the others
             return _PackedDense(w, rows, bias)
     # int8 copies fuse the projections that read the same input into one matrix each
-    weights = _family(model).weights(model, Proj, fused=bool(quantize), Head=_HEADS.get(quantize, Proj))
+    weights = _family(model).weights(model, Proj, fused=bool(quantize))
     if kind == "relayout":
         weights = weights[0], _DenseInOut(model.lm_head.weight)
     if kind:
@@ -355,8 +342,8 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # ``qkv(layer, x, ctx)`` (B, heads + 2 kv heads, head_dim): the q, k and v heads of the token, in x's
 # dtype, normalised and rotated (q already multiplied by the attention scale where ``scales[i]`` is None),
 # ``mlp(layer, x)`` (the residual branch, its norm included) and ``final(x)`` (the last norm).
-# ``weights(model, Proj, fused, Head)`` builds the per-layer projections with ``Proj`` (``o`` is the
-# attention output, shared code) and the head with ``Head``.
+# ``weights(model, Proj, fused)`` builds the per-layer projections (``o`` is the attention output,
+# shared code) and the head.
 
 
 class _Llama:
@@ -374,7 +361,7 @@ class _Llama:
                 and getattr(cfg, "pretraining_tp", 1) == 1)
 
     @staticmethod
-    def weights(model, Proj, fused: bool, Head):
+    def weights(model, Proj, fused: bool):
         layers = []
         for layer in model.model.layers:
             a, m = layer.self_attn, layer.mlp
@@ -389,7 +376,7 @@ class _Llama:
                              o=Proj(a.o_proj.weight), gate=Proj(m.gate_proj.weight), up=Proj(m.up_proj.weight),
                              down=Proj(m.down_proj.weight))
             layers.append(entry)
-        return layers, Head(model.lm_head.weight)
+        return layers, Proj(model.lm_head.weight)
 
     def __init__(self, model, max_len: int):
         cfg = model.config
@@ -497,7 +484,7 @@ class _GPT2:
                 and getattr(cfg, "activation_function", "gelu_new") in _GPT2_ACTIVATIONS)
 
     @staticmethod
-    def weights(model, Proj, fused: bool, Head):
+    def weights(model, Proj, fused: bool):
         layers = []
         for block in model.transformer.h:
             a, m = block.attn, block.mlp
@@ -505,7 +492,7 @@ class _GPT2:
                 "ln1": (block.ln_1.weight, block.ln_1.bias), "ln2": (block.ln_2.weight, block.ln_2.bias),
                 "qkv": Proj(a.c_attn.weight.t(), a.c_attn.bias), "o": Proj(a.c_proj.weight.t(), a.c_proj.bias),
                 "fc": Proj(m.c_fc.weight.t(), m.c_fc.bias), "proj": Proj(m.c_proj.weight.t(), m.c_proj.bias)})
-        return layers, Head(model.lm_head.weight)
+        return layers, Proj(model.lm_head.weight)
 
     def __init__(self, model, max_len: int):
         cfg = model.config
