@@ -1,6 +1,6 @@
 """Benchmark styletune against plain references, on this machine, in one run.
 
-    .venv/bin/python bench/run.py [--quick] [--only train|generate|dtype|serve|data] [--model smollm2-135m|gpt2-random]
+    .venv/bin/python bench/run.py [--quick] [--only train|generate|quality|dtype|serve|data|processes] [--model smollm2-135m|gpt2-random]
 
 The CPUs these runs share are noisy (other work runs beside them), so no number
 here means much on its own: every styletune figure is printed as a RATIO against a
@@ -2030,7 +2030,7 @@ def parent_main(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes: a ~3 minute check that every row works")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a check that every row works (the quality rows still train for minutes; 20+ minutes in all on 2 cores)")
     p.add_argument("--only", choices=["train", "generate", "dtype", "serve", "data", "processes", "quality"],
                    help="run only the training, the generation, the fp32-vs-bf16, the serving, the "
                         "data-preparation memory, the 2-processes-vs-1 or the time-to-quality rows")
