@@ -16,7 +16,7 @@ from .errors import StyletuneError
 
 DEFAULT_MODEL = "smollm2-135m"
 
-QUANTIZE_CHOICES = ("auto", "none", "int4", "int8", "int8-dynamic")
+QUANTIZE_CHOICES = ("auto", "none", "fp16", "int4", "int8", "int8-dynamic")
 """``--quantize`` values: the fastest storage that keeps quality (int4 for matrices already on a 4-bit
 grid, weight-only int8 for the rest), exact decoding, group-wise int4, weight-only int8, int8 weights
 and activations."""

@@ -178,7 +178,7 @@ class LoadedModel:
     base_name: str | None = None
     """For a run: the base model's ``--model`` value."""
     quantize: str | None = None
-    """The decode step's weight copies: ``auto``, ``int4``, ``int8``, ``int8-dynamic`` (see
+    """The decode step's weight copies: ``auto``, ``fp16``, ``int4``, ``int8``, ``int8-dynamic`` (see
     :mod:`styletune.decoding.fast`); None: the exact model's own weights."""
     compile: bool = False
     """Run the lean decode step compiled ahead of time (:mod:`styletune.decoding.compiled`)."""
@@ -328,8 +328,9 @@ def load_model(name: str | None = None, device: str = "auto", dtype: str = "auto
         name: a registry name, hub id, model directory, run directory or ``.gguf`` file.
         device: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda`` or ``mps``.
         dtype: ``auto`` (bf16 where the hardware has it), ``float32``, ``bfloat16``, ``float16``.
-        quantize: ``None`` (exact, the default here), ``auto`` (the command line's default: int4 for
-            matrices already on a 4-bit grid, weight-only int8 for the rest), ``int4`` (group-wise),
+        quantize: ``None`` (exact, the default here), ``auto`` (the command line's default: fp16 on a
+            CPU where torch runs at AVX2 only; elsewhere int4 for matrices already on a 4-bit grid,
+            weight-only int8 for the rest), ``fp16`` (FBGEMM, x86-64), ``int4`` (group-wise),
             ``int8`` (weight-only) or ``int8-dynamic`` (int8 weights and per-token int8 activations):
             copies for the CPU decode step; the loaded weights stay as they are.
         compile: compile the decode step ahead of time (:mod:`styletune.decoding.compiled`): ~40 s

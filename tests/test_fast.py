@@ -8,6 +8,7 @@ from styletune.config import DecodingConfig
 from styletune.decoding import fast
 from styletune.decoding.engine import generate, left_pad
 from styletune.decoding.strategies import forward_step
+from styletune.errors import StyletuneError
 from styletune.models import load_model
 
 PROMPTS = ["Once upon a midnight", "The quick brown fox jumps over"]
@@ -47,7 +48,8 @@ def _decode_both_ways(lm, prompts, steps, **options):
 
 @pytest.mark.parametrize("quantize,tol,compile,batch", [
     (None, 1e-5, False, 2), ("int8", 5e-2, False, 2), ("int8-dynamic", 5e-2, False, 2), ("int4", 3e-1, False, 2),
-    ("auto", 5e-2, False, 2), ("int4", 3e-1, True, 2), (None, 1e-5, True, 2),
+    ("auto", 5e-2, False, 2), ("fp16", 5e-3, False, 2), ("fp16", 5e-3, False, 5), ("int4", 3e-1, True, 2),
+    (None, 1e-5, True, 2),
     ("int8-dynamic", 5e-2, True, 2), (None, 1e-5, False, 5), (None, 1e-5, True, 5)])
 def test_step_logits_match_transformers(llama, quantize, tol, compile, batch, recwarn):
     """Decode 6 tokens for a left-padded batch both ways and compare every step's logits.
@@ -126,7 +128,7 @@ def test_engine_uses_the_fast_step_and_matches_the_slow_path(llama, monkeypatch,
     assert [s.token_ids for s in quick] == [s.token_ids for s in slow]
 
 
-@pytest.mark.parametrize("quantize", ["int8", "int8-dynamic", "int4", "auto"])
+@pytest.mark.parametrize("quantize", ["int8", "int8-dynamic", "int4", "fp16", "auto"])
 def test_quantized_options_generate(tiny_model_dirs, quantize):
     lm = load_model(str(tiny_model_dirs["llama"]), device="cpu", dtype="float32", quantize=quantize)
     assert lm.quantize == quantize
@@ -252,7 +254,8 @@ def test_finished_rows_leave_the_batch(llama, monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])  # rotary positions, and GPT-2's learned ones
-@pytest.mark.parametrize("quantize,tol", [(None, 1e-5), ("int8", 5e-2), ("int8-dynamic", 5e-2), ("int4", 3e-1)])
+@pytest.mark.parametrize("quantize,tol", [(None, 1e-5), ("int8", 5e-2), ("int8-dynamic", 5e-2), ("int4", 3e-1),
+                                          ("fp16", 5e-3)])
 def test_slots_let_sequences_join_and_leave_between_steps(tiny_model_dirs, family, quantize, tol):
     """Continuous batching: sequences of different lengths, one joining after three steps and one
     leaving after four, each decoded at its own positions; every step's logits against transformers'
@@ -324,10 +327,38 @@ def _on_q4_1_grid(model):
     return model
 
 
-def test_auto_stores_int4_only_where_it_loses_nothing(llama):
-    """``--quantize auto``: matrices on a 4-bit grid go to int4, with logits as close to exact as
-    bf16 activations allow (int4 of weights off the grid is several times further off); other
-    matrices go to weight-only int8."""
+def test_auto_format_follows_the_cpu(monkeypatch):
+    """``--quantize auto`` stores fp16 where torch's CPU kernels run at AVX2 only, and int4 on the
+    4-bit grid (int8 elsewhere) on AVX-512 CPUs and in a compiled step, whatever this machine is."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert fast.auto_format() == "fp16" and fast.auto_format(compile=True) == "int4-grid"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert fast.auto_format() == "int4-grid"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(fast, "has_fp16_kernel", lambda: False)  # an Arm build: no FBGEMM
+    assert fast.auto_format() == "int4-grid"
+
+
+def test_fp16_without_fbgemm_is_a_clear_error(llama, monkeypatch):
+    monkeypatch.setattr(fast, "has_fp16_kernel", lambda: False)
+    fast._DERIVED.pop(llama.model, None)
+    with pytest.raises(StyletuneError, match="FBGEMM"):
+        fast.FastDecoder(llama.model, batch=1, max_len=8, quantize="fp16")
+
+
+def test_auto_on_avx2_stores_fp16(llama, monkeypatch):
+    """On an AVX2 CPU ``auto`` is fp16 throughout: logits within fp16 rounding of the weights."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    dec = fast.SlotDecoder(llama.model, slots=1, max_len=16, quantize="auto")
+    assert dec.quantize == "fp16"
+    assert isinstance(dec.layers[0]["qkv"], fast._Fp16Linear) and isinstance(dec.head, fast._Fp16Linear)
+
+
+def test_auto_stores_int4_only_where_it_loses_nothing(llama, monkeypatch):
+    """``--quantize auto`` on an AVX-512 CPU: matrices on a 4-bit grid go to int4, with logits as close
+    to exact as bf16 activations allow (int4 of weights off the grid is several times further off);
+    other matrices go to weight-only int8."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     snapped = _on_q4_1_grid(llama.model)
     assert all(fast.on_int4_grid(p) for p in snapped.parameters() if p.dim() == 2)
     assert not any(fast.on_int4_grid(p) for p in llama.model.parameters() if p.dim() == 2)
@@ -350,12 +381,14 @@ def test_auto_stores_int4_only_where_it_loses_nothing(llama):
     assert isinstance(dec.layers[0]["qkv"], fast._Int8Linear) and isinstance(dec.head, fast._Int8Linear)
 
 
-def test_auto_greedy_text_on_a_4bit_model_is_the_exact_text(train_model_dirs):
+@pytest.mark.parametrize("cpu", ["AVX2", "AVX512"])  # auto is fp16 on the first, int4 on the second
+def test_auto_greedy_text_on_a_4bit_model_is_the_exact_text(train_model_dirs, cpu, monkeypatch):
     """On a model whose weights are on the 4-bit grid (larger weights, so that the next-token
     distributions are peaked rather than near-uniform), the default (auto) decodes the same greedy
-    tokens as the exact step."""
+    tokens as the exact step, on either kind of CPU."""
     import dataclasses
 
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: cpu)
     lm = load_model(str(train_model_dirs["llama"]), device="cpu", dtype="float32")
     lm = dataclasses.replace(lm, model=_on_q4_1_grid(lm.model))
     cfg = DecodingConfig(greedy=True, max_new_tokens=12, stop_at_eos=False)

@@ -69,7 +69,7 @@ def _decode_both_ways(model, tok, prompts, steps, **options):
 
 @pytest.mark.parametrize("quantize,tol,compile,batch", [
     (None, 1e-5, False, 1), (None, 1e-5, False, 2), (None, 1e-5, False, 5), (None, 1e-5, True, 2),
-    ("int8", 5e-2, False, 2), ("int8-dynamic", 5e-2, False, 2)])
+    ("int8", 5e-2, False, 2), ("int8-dynamic", 5e-2, False, 2), ("fp16", 5e-3, False, 2), ("fp16", 5e-3, False, 5)])
 def test_step_logits_match_transformers(gpt2, quantize, tol, compile, batch, recwarn):
     """Prompts of different lengths, left-padded; every step's logits against transformers' forward.
     From PACK_MIN_ROWS rows on, fp32 decoding runs on MKL-packed weights (with GPT-2's biases)."""

@@ -33,7 +33,10 @@ for ``int8``; see the README's performance section).
 trained in floating point. ``quantize="auto"`` (the command line's default) takes int4 only for
 matrices that are already on a 4-bit grid, so that nothing is lost but float rounding (a model
 dequantised from a Q4 GGUF, as the bundled SmolLM2 is), and weight-only int8 for every other one:
-the fastest storage within 1% of exact perplexity in ``make bench`` (its ``quant_quality`` rows).
+the fastest storage within 1% of exact perplexity in ``make bench`` (its ``quant_quality`` rows)
+on CPUs with AVX-512. Where torch's CPU kernels run at AVX2 only, those int kernels are slower than
+FBGEMM's fp16 GEMM (``quantize="fp16"``: fp16 weights, fp32 activations), and ``auto`` takes that
+(:func:`auto_format`).
 """
 
 from __future__ import annotations
@@ -206,7 +209,47 @@ def _lossless_int4(weight: torch.Tensor, bias: torch.Tensor | None = None):
     return _Int8Linear(weight, bias) if groups is None else _Int4Linear(weight, bias, groups)
 
 
-_QUANTIZED = {"int8": _Int8Linear, "int8-dynamic": _Int8DynamicLinear, "int4": _int4, "auto": _lossless_int4}
+class _Fp16Linear:
+    """fp16 weights, fp32 activations and fp32 accumulation, through FBGEMM's fp16 GEMM
+    (``quantized::linear_dynamic_fp16``, the kernel behind torch.ao's dynamic fp16 ``Linear``): half
+    the bytes of fp32, and nothing lost but the weights' rounding to fp16 (~5e-4 relative).
+
+    Where torch's CPU kernels run at AVX2 (no AVX-512), the int8 and int4 weight-only kernels above
+    are bound by their dequantisation, not by memory, and this is the fastest of them (measured on a
+    2-core AMD EPYC with AVX2 only, one thread, matrices cycled through memory as in a decode step):
+    a 3072x576 matrix 245 us against 302 us int4, 336 us int8 and 553 us fp32; SmolLM2's 49152x576
+    head 3.8 ms against 4.2, 5.3 and 8.3 ms.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        if not has_fp16_kernel():
+            raise StyletuneError("--quantize fp16 needs PyTorch's FBGEMM kernels (an x86-64 CPU build of torch)")
+        self.packed = torch.ops.quantized.linear_prepack_fp16(
+            weight.detach().float().contiguous(), None if bias is None else bias.detach().float())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic_fp16(_cast(x, torch.float32), self.packed)
+
+
+def has_fp16_kernel() -> bool:
+    """FBGEMM, and with it the fp16 GEMM, is in torch's x86-64 CPU builds."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def auto_format(compile: bool = False) -> str:
+    """What ``--quantize auto`` stores on this machine: ``"fp16"`` where torch's CPU kernels run at
+    AVX2 (no AVX-512: the int4 and int8 kernels are slower than FBGEMM's fp16 there, see
+    :class:`_Fp16Linear`), else ``"int4-grid"`` (int4 for matrices already on a 4-bit grid, int8 for
+    the rest; on AVX-512 CPUs the fastest storage within 1% of exact perplexity, ``make bench``'s
+    ``quant_quality`` rows). A compiled step (``compile``) takes ``"int4-grid"`` everywhere: FBGEMM's
+    packed weights are not tensors, and AOTInductor cannot take them as inputs."""
+    if not compile and has_fp16_kernel() and torch.backends.cpu.get_cpu_capability() == "AVX2":
+        return "fp16"
+    return "int4-grid"
+
+
+_QUANTIZED = {"int8": _Int8Linear, "int8-dynamic": _Int8DynamicLinear, "int4": _int4, "int4-grid": _lossless_int4,
+              "fp16": _Fp16Linear}
 
 
 class _Dense:
@@ -544,8 +587,9 @@ class FastDecoder:
         batch: rows decoded together.
         max_len: prompt width + new tokens; the cache is allocated for this many positions (at most
             the model's positions, for GPT-2's learned ones).
-        quantize: ``None`` (exact), ``"auto"``, ``"int4"``, ``"int8"`` or ``"int8-dynamic"`` (the
-            ``--quantize`` values; see the module's docstring).
+        quantize: ``None`` (exact), ``"auto"``, ``"fp16"``, ``"int4"``, ``"int8"`` or ``"int8-dynamic"``
+            (the ``--quantize`` values; see the module's docstring). ``auto`` is resolved for this
+            machine (:func:`auto_format`); :attr:`quantize` says what it became.
         compile: run the step compiled ahead of time by AOTInductor (:mod:`.compiled`; the
             element-wise work between the products fused, no Python per token), built once per
             shape and kept on disk; ``torch.compile`` where that fails.
@@ -555,6 +599,9 @@ class FastDecoder:
         quantize = check_quantize(quantize)
         if quantize and model.device.type != "cpu":
             quantize = None  # the int8 kernels used here are the CPU ones
+        if quantize == "auto":
+            quantize = auto_format(compile)
+        self.quantize = quantize  # the storage used: ``auto`` resolved for this machine
         if not supports(model):
             raise StyletuneError(f"the lean decode step does not support this model ({type(model).__name__})")
         requested = max_len
