@@ -128,6 +128,14 @@ def cpu_model_name() -> str:
     return platform.processor() or "unknown"
 
 
+def torch_cpu_capability() -> str:
+    """The vector width torch's CPU kernels were dispatched to here (AVX2, AVX512, ...): which weight
+    format ``--quantize auto`` picks depends on it."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def read_jokes(path: str) -> list[str]:
     with open(path, newline="", encoding="utf-8") as fh:
         return [row["Joke"] for row in csv.DictReader(fh)]
@@ -622,6 +630,12 @@ def measure_styletune_generate_b1_int4(s: Settings) -> dict:
     return _styletune_generate(s, [PROMPT], quantize="int4")
 
 
+def measure_styletune_generate_b1_fp16(s: Settings) -> dict:
+    """One prompt with ``--quantize fp16`` (FBGEMM's fp16 GEMM: fp16 weights, fp32 arithmetic; what
+    ``auto`` takes where torch's CPU kernels run at AVX2 only)."""
+    return _styletune_generate(s, [PROMPT], quantize="fp16")
+
+
 def measure_styletune_generate_b1_int8(s: Settings) -> dict:
     """styletune's decode loop on one prompt with ``--quantize int8`` (weight-only int8, as llama.cpp
     reads quantised weights too)."""
@@ -647,7 +661,7 @@ QUALITY_TOKENS = 1000
 def measure_quant_quality(s: Settings, model: str | None = None) -> dict:
     """What each weight format of the decode step costs in quality: perplexity of the first
     ``QUALITY_TOKENS`` tokens of the training corpus, fed token by token through styletune's decode
-    step (exact, auto, int4, int8, int8-dynamic), against transformers' forward on the same tokens.
+    step (exact, auto, fp16, int4, int8, int8-dynamic), against transformers' forward on the same tokens.
     The headline is ``--quantize auto`` (the default) over exact; the rule the default follows is
     "the fastest format within 1% of exact perplexity"."""
     import math
@@ -667,7 +681,8 @@ def measure_quant_quality(s: Settings, model: str | None = None) -> dict:
         ref = lm.model(ids).logits[0].float()
     nll = {"transformers": F.cross_entropy(ref[:-1], ids[0, 1:]).item()}
     agree = {}
-    for q in (None, "auto", "int4", "int8", "int8-dynamic"):
+    formats = (None, "auto", "fp16", "int4", "int8", "int8-dynamic")
+    for q in formats if fast.has_fp16_kernel() else [f for f in formats if f != "fp16"]:
         dec = fast.FastDecoder(lm.model, 1, ids.shape[1], quantize=q)
         with torch.inference_mode():
             out = lm.model(ids[:, :1], use_cache=True)
@@ -684,7 +699,8 @@ def measure_quant_quality(s: Settings, model: str | None = None) -> dict:
         "value": ppl["auto"] / ppl["exact"], "unit": "x perplexity (auto / exact)",
         "perplexity": ppl,
         "timing": f"{ids.shape[1]} tokens of the corpus, teacher-forced",
-        "notes": "perplexity " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items())
+        "notes": f"auto is {fast.auto_format()} on this CPU; perplexity "
+                 + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items())
                  + "; top-1 agreement with transformers " + ", ".join(f"{k} {v:.1%}" for k, v in agree.items()),
     }
 
@@ -1542,6 +1558,7 @@ MEASUREMENTS = {
     "styletune_generate_b1_exact": ("generate", "styletune", measure_styletune_generate_b1_exact),
     "styletune_generate_b1_int4": ("generate", "styletune", measure_styletune_generate_b1_int4),
     "styletune_generate_b1_compile": ("generate", "styletune", measure_styletune_generate_b1_compile),
+    "styletune_generate_b1_fp16": ("generate", "styletune", measure_styletune_generate_b1_fp16),
     "styletune_generate_b1_int8": ("generate", "styletune", measure_styletune_generate_b1_int8),
     "styletune_generate_b1_int8dyn": ("generate", "styletune", measure_styletune_generate_b1_int8dyn),
     "styletune_generate_b1_int8dyn_compile": ("generate", "styletune", measure_styletune_generate_b1_int8dyn_compile),
@@ -1627,6 +1644,8 @@ RATIOS = [
      "batch-1 tokens/s, --quantize int4 vs llama.cpp, both on 4-bit weights"),
     ("styletune_b1_compile / llamacpp", "styletune_generate_b1_compile", "llamacpp_b1",
      "batch-1 tokens/s, --compile on the default --quantize auto, vs llama.cpp"),
+    ("styletune_b1_fp16 / llamacpp", "styletune_generate_b1_fp16", "llamacpp_b1",
+     "batch-1 tokens/s, --quantize fp16 (FBGEMM) vs llama.cpp"),
     ("styletune_b1_int8 / llamacpp", "styletune_generate_b1_int8", "llamacpp_b1",
      "batch-1 tokens/s, both on quantised weights (int8 vs Q4_1)"),
     ("styletune_b1_int8 / hf_b1", "styletune_generate_b1_int8", "hf_generate_b1",
@@ -1928,7 +1947,8 @@ def settings_rows(s: Settings, results: dict, env: dict) -> list[tuple[str, str]
         ("threads", f"torch.get_num_threads() = {env['threads']} in every row "
                     f"({'set by --threads' if s.threads else 'torch default'}; os.cpu_count() = {os.cpu_count()})"),
         ("CPU", f"{cpu_model_name()}; avx512_bf16: {'yes' if 'avx512_bf16' in env['flags'] else 'no'}, "
-                f"amx_bf16: {'yes' if 'amx_bf16' in env['flags'] else 'no'}"),
+                f"amx_bf16: {'yes' if 'amx_bf16' in env['flags'] else 'no'}, "
+                f"avx512f: {'yes' if 'avx512f' in env['flags'] else 'no'}; torch's CPU kernels: {env['capability']}"),
         ("load average (1 min)", f"{env['load_start']:.2f} at start, {env['load_end']:.2f} at end "
                                  "(other work on this CPU)"),
     ]
@@ -2004,7 +2024,7 @@ def parent_main(args) -> int:
         env = {"torch": package_version("torch"), "transformers": package_version("transformers"),
                "peft": package_version("peft"), "llama_cpp": package_version("llama_cpp_python"),
                "threads": "/".join(sorted({str(r["threads"]) for r in results.values() if r.get("threads")})) or "n/a",
-               "flags": cpu_flags(), "rounds": args.rounds, "git": describe_git(git_start, git_state()),
+               "flags": cpu_flags(), "capability": torch_cpu_capability(), "rounds": args.rounds, "git": describe_git(git_start, git_state()),
                "load_start": load_start, "load_end": os.getloadavg()[0]}
         host = socket.gethostname()
         date = _dt.date.today().isoformat()
