@@ -17,16 +17,21 @@ from .errors import StyletuneError
 DEFAULT_MODEL = "smollm2-135m"
 
 QUANTIZE_CHOICES = ("auto", "none", "fp16", "int4", "int8", "int8-dynamic")
-"""``--quantize`` values: the fastest storage that keeps quality (int4 for matrices already on a 4-bit
-grid, weight-only int8 for the rest), exact decoding, group-wise int4, weight-only int8, int8 weights
-and activations."""
+"""``--quantize`` values: the fastest storage that keeps quality on this CPU (fp16 where torch runs at
+AVX2 only; elsewhere int4 for matrices already on a 4-bit grid, weight-only int8 for the rest), exact
+decoding, fp16 weights with fp32 arithmetic, group-wise int4, weight-only int8, int8 weights and
+activations."""
 
 
-def check_quantize(value: str | None) -> str | None:
-    """The ``--quantize`` value as the decoder takes it (``None`` for exact), or a clear error."""
+def check_quantize(value: str | None, compile: bool = False) -> str | None:
+    """The ``--quantize`` value as the decoder takes it (``None`` for exact), or a clear error (also for
+    ``fp16`` with ``--compile``: FBGEMM's packed weights cannot be inputs of a compiled step)."""
     if value is not None and value not in QUANTIZE_CHOICES:
         raise StyletuneError(f"--quantize must be {', '.join(QUANTIZE_CHOICES[:-1])} or {QUANTIZE_CHOICES[-1]}, "
                              f"got {value}")
+    if compile and value == "fp16":
+        raise StyletuneError("--compile does not take --quantize fp16 (FBGEMM's packed weights cannot be inputs "
+                             "of a compiled step); use it without --compile, or --compile with auto, int4 or int8")
     return None if value in (None, "none") else value
 
 

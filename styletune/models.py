@@ -336,7 +336,7 @@ def load_model(name: str | None = None, device: str = "auto", dtype: str = "auto
         compile: compile the decode step ahead of time (:mod:`styletune.decoding.compiled`): ~40 s
             once per model shape, format, batch and cache length, kept on disk; ~0.2 s to load after.
     """
-    quantize = check_quantize(quantize)
+    quantize = check_quantize(quantize, compile)
     source = resolve(name)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)

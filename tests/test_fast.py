@@ -213,6 +213,10 @@ def test_cli_compile_and_quantize_flags(tiny_model_dirs):
     assert '"text"' in r.output
     bad = CliRunner().invoke(main, ["generate", "x", "--model", str(tiny_model_dirs["llama"]), "--quantize", "int3"])
     assert bad.exit_code == 2 and "int8-dynamic" in bad.output and "Traceback" not in bad.output
+    both = CliRunner().invoke(main, ["generate", "x", "--model", str(tiny_model_dirs["llama"]), "--quantize", "fp16",
+                                     "--compile"])
+    assert both.exit_code == 2 and "--compile does not take --quantize fp16" in both.output
+    assert "Traceback" not in both.output
 
 
 def test_one_packed_copy_per_model(tiny_model_dirs):

@@ -596,7 +596,7 @@ class FastDecoder:
     """
 
     def __init__(self, model, batch: int, max_len: int, quantize: str | None = None, compile: bool = False):
-        quantize = check_quantize(quantize)
+        quantize = check_quantize(quantize, compile)
         if quantize and model.device.type != "cpu":
             quantize = None  # the int8 kernels used here are the CPU ones
         if quantize == "auto":
