@@ -351,7 +351,8 @@ def test_fp16_without_fbgemm_is_a_clear_error(llama, monkeypatch):
 
 
 def test_auto_on_avx2_stores_fp16(llama, monkeypatch):
-    """On an AVX2 CPU ``auto`` is fp16 throughout: logits within fp16 rounding of the weights."""
+    """On an AVX2 CPU ``auto`` is fp16 throughout (fp16's logits are checked against transformers'
+    in ``test_step_logits_match_transformers`` and the slot tests)."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     dec = fast.SlotDecoder(llama.model, slots=1, max_len=16, quantize="auto")
     assert dec.quantize == "fp16"
