@@ -18,7 +18,7 @@ DEFAULT_MODEL = "smollm2-135m"
 
 QUANTIZE_CHOICES = ("auto", "none", "fp16", "int4", "int8", "int8-dynamic")
 """``--quantize`` values: the fastest storage that keeps quality on this CPU (fp16 where torch runs at
-AVX2 only; elsewhere int4 for matrices already on a 4-bit grid, weight-only int8 for the rest), exact
+AVX2 only; elsewhere int4 for matrices already on a 4-bit grid, fp16 for the rest), exact
 decoding, fp16 weights with fp32 arithmetic, group-wise int4, weight-only int8, int8 weights and
 activations."""
 

@@ -332,15 +332,17 @@ def _on_q4_1_grid(model):
 
 
 def test_auto_format_follows_the_cpu(monkeypatch):
-    """``--quantize auto`` stores fp16 where torch's CPU kernels run at AVX2 only, and int4 on the
-    4-bit grid (int8 elsewhere) on AVX-512 CPUs and in a compiled step, whatever this machine is."""
+    """``--quantize auto`` stores fp16 where torch's CPU kernels run at AVX2 only, int4 on the 4-bit
+    grid and fp16 elsewhere on AVX-512 CPUs, and int4 on the grid and int8 elsewhere in a compiled
+    step or without FBGEMM, whatever this machine is."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert fast.auto_format() == "fp16" and fast.auto_format(compile=True) == "int4-grid"
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert fast.auto_format() == "int4-grid"
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    monkeypatch.setattr(fast, "has_fp16_kernel", lambda: False)  # an Arm build: no FBGEMM
-    assert fast.auto_format() == "int4-grid"
+    assert fast.auto_format() == "int4-fp16" and fast.auto_format(compile=True) == "int4-grid"
+    for cpu in ("AVX2", "AVX512"):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: cpu)
+        monkeypatch.setattr(fast, "has_fp16_kernel", lambda: False)  # an Arm build: no FBGEMM
+        assert fast.auto_format() == "int4-grid"
 
 
 def test_fp16_without_fbgemm_is_a_clear_error(llama, monkeypatch):
@@ -362,7 +364,7 @@ def test_auto_on_avx2_stores_fp16(llama, monkeypatch):
 def test_auto_stores_int4_only_where_it_loses_nothing(llama, monkeypatch):
     """``--quantize auto`` on an AVX-512 CPU: matrices on a 4-bit grid go to int4, with logits as close
     to exact as bf16 activations allow (int4 of weights off the grid is several times further off);
-    other matrices go to weight-only int8."""
+    other matrices go to fp16, or to weight-only int8 in the format a compiled step takes."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     snapped = _on_q4_1_grid(llama.model)
     assert all(fast.on_int4_grid(p) for p in snapped.parameters() if p.dim() == 2)
@@ -382,7 +384,13 @@ def test_auto_stores_int4_only_where_it_loses_nothing(llama, monkeypatch):
     assert isinstance(dec.head, fast._Int4Linear)  # the tied embedding is snapped too here
     off_grid, _ = worst(llama.model, "int4")
     assert on_grid < 1e-2 and on_grid * 3 < off_grid, (on_grid, off_grid)
+    off_grid_auto, dec = worst(llama.model, "auto")
+    assert dec.quantize == "int4-fp16"
+    assert isinstance(dec.layers[0]["qkv"], fast._Fp16Linear) and isinstance(dec.head, fast._Fp16Linear)
+    assert off_grid_auto < 1e-3, off_grid_auto  # fp16 weights: nothing lost but their rounding
+    monkeypatch.setattr(fast, "has_fp16_kernel", lambda: False)  # "int4-grid", as a compiled step
     _, dec = worst(llama.model, "auto")
+    assert dec.quantize == "int4-grid"
     assert isinstance(dec.layers[0]["qkv"], fast._Int8Linear) and isinstance(dec.head, fast._Int8Linear)
 
 

@@ -46,7 +46,7 @@ def test_greedy_is_stable_and_equals_transformers(real_lm):
 @pytest.mark.parametrize("cpu", ["AVX512", "AVX2"])
 def test_the_default_format_keeps_perplexity_within_one_percent(real_lm, cpu, monkeypatch):
     """``--quantize auto`` on the bundled model (dequantised from a Q4_1 GGUF). On an AVX-512 CPU the 210
-    layer matrices are on the 4-bit grid and go to int4, the tied embedding head is not and goes to int8;
+    layer matrices are on the 4-bit grid and go to int4, the tied embedding head is not and goes to fp16;
     on an AVX2 CPU every matrix goes to fp16. Either way teacher-forced perplexity on a passage stays
     within 1% of the exact model's."""
     import math
@@ -67,7 +67,7 @@ def test_the_default_format_keeps_perplexity_within_one_percent(real_lm, cpu, mo
     with torch.inference_mode():
         exact = real_lm.model(torch.tensor([ids])).logits[0, :-1].float()
     dec = fast.SlotDecoder(real_lm.model, slots=1, max_len=len(ids), quantize="auto")
-    layer_kind, head_kind = (fast._Int4Linear, fast._Int8Linear) if cpu == "AVX512" else (fast._Fp16Linear,) * 2
+    layer_kind, head_kind = (fast._Int4Linear, fast._Fp16Linear) if cpu == "AVX512" else (fast._Fp16Linear,) * 2
     assert all(isinstance(p, layer_kind) for L in dec.layers for p in L.values() if not isinstance(p, torch.Tensor))
     assert isinstance(dec.head, head_kind)
     rows = [dec.prefill(0, ids[:1])]
