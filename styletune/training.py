@@ -449,6 +449,9 @@ class _Run:
         if not state.eval_every:
             state.eval_every = max(1, round(state.total_steps / planned_evaluations(cfg, self.eval_s)))
         self.eval_every = cfg.eval_every or state.eval_every
+        # The next evaluation: the next multiple of the interval (a plan made again under --time-budget
+        # moves it; see ``_replan``).
+        self.next_eval = (state.step // self.eval_every + 1) * self.eval_every
         self.prompts = cfg.eval_prompts or default_prompts(data, tokenizer)
         which = (f" (top {cfg.train_layers} layers)" if cfg.train_layers else "") + (", compiled" if self.compiled else "")
         where = f"{procs.world} processes on {device.split(':')[0]}" if procs.world > 1 else device
@@ -603,22 +606,27 @@ class _Run:
 
     # ---- the loop
 
-    def _replan(self, step_times: list[float], budget: float, evals_made: int) -> int:
-        """--time-budget's step count planned again from this process's steps after its first (the
-        slowest rank's), with room for the evaluations still to come; the evaluation interval follows
-        unless --eval-every fixed it. Returns the new total (also in the loop state)."""
+    def _replan(self, recent: list[float], budget: float, elapsed: float, evals_made: int, eval_s: float) -> int:
+        """--time-budget's step count planned again from the ``recent`` steps' times (this process's;
+        the slowest rank's count), ``elapsed`` seconds into the budget, with room for the evaluations
+        still to come at ``eval_s`` each; the evaluation interval follows unless --eval-every fixed it.
+        Returns the new total (also in the loop state)."""
         cfg, state, procs = self.cfg, self.state, self.procs
-        per_step = procs.max(sum(step_times[1:]) / (len(step_times) - 1))
+        per_step = procs.max(sum(recent) / len(recent))
         evals = planned_evaluations(cfg, self.eval_s)
-        fit = steps_in_budget(budget, state.step, procs.max(state.elapsed_s), per_step, max(0, evals - evals_made),
-                              self.eval_s)
+        left = max(0, evals - evals_made)
+        fit = steps_in_budget(budget, state.step, procs.max(elapsed), per_step, left, procs.max(eval_s))
         total = min([fit, *length_caps(cfg, self.plan)])
         if total != state.total_steps:
-            self.echo(f"time budget {cfg.time_budget}: the last {len(step_times) - 1} steps took {per_step:.2f} s "
+            self.echo(f"time budget {cfg.time_budget}: the last {len(recent)} steps took {per_step:.2f} s "
                       f"each -> {total} steps")
             state.total_steps = total
+            # the interval of the planned number over the new plan, from this step (a plan that shrank
+            # drops evaluations rather than crowd them into the steps left)
             state.eval_every = max(1, round(total / evals))
-            self.eval_every = cfg.eval_every or state.eval_every
+            if not cfg.eval_every:
+                self.eval_every = state.eval_every
+                self.next_eval = state.step + state.eval_every
         return total
 
     def loop(self, progress: bool, on_step) -> TrainResult:
@@ -641,7 +649,11 @@ class _Run:
                     echo(f"step 0/{total}: val loss {self.baseline:.4f} (ppl {math.exp(self.baseline):.2f}) "
                          "before training")
                 self.wrapped.train()
-                step_times, evals_made = [], 0
+                # Under --time-budget the step count is planned again from the steps' own times: after
+                # the first few, and after every evaluation from the steps since the last plan (steps
+                # run faster once warm, and a shared CPU changes speed: the first plan alone left a
+                # fifth to a third of a 5-minute budget unused).
+                step_times, evals_made, planned_at = [], 0, 1
                 while state.step < total:
                     t0 = time.perf_counter()
                     loss, step_tokens, lr = self.step()
@@ -654,8 +666,9 @@ class _Run:
                                             "tokens_per_s": round(step_tokens / dt, 1)})
                     step_times.append(dt)
                     if budget is not None and len(step_times) == _REPLAN_AT and step < total:
-                        total = self._replan(step_times, budget, evals_made)
-                        bar.total = total
+                        total = self._replan(step_times[planned_at:], budget, state.elapsed_s, evals_made,
+                                             self.eval_s)
+                        bar.total, planned_at = total, len(step_times)
                     result.train_loss = loss
                     if on_step:
                         on_step(step, self.model)
@@ -664,7 +677,7 @@ class _Run:
                     time_up = (budget is not None and step < total
                                and procs.any(state.elapsed_s + dt + eval_cost >= budget))
                     last = step == total or time_up
-                    if step % self.eval_every == 0 or last:
+                    if step >= self.next_eval or last:
                         t_eval, evals_made = time.perf_counter(), evals_made + 1
                         val = self.evaluate()
                         if val is not None:
@@ -687,6 +700,12 @@ class _Run:
                             echo(f"early stop: no better validation loss in {cfg.patience} evaluations")
                             result.stopped_early = True
                         eval_cost = time.perf_counter() - t_eval
+                        self.next_eval = step + self.eval_every
+                        if (budget is not None and not last and not result.stopped_early
+                                and len(step_times) - planned_at >= _REPLAN_AT - 1):
+                            total = self._replan(step_times[planned_at:], budget, time.perf_counter() - t_start,
+                                                 evals_made, eval_cost)
+                            bar.total, planned_at = total, len(step_times)
                     # Every rank stops at the same step: a signal may reach them at different moments.
                     stopping = procs.any(stop.requested is not None)
                     if step % cfg.save_every == 0 or last or result.stopped_early or stopping:
@@ -765,7 +784,8 @@ def planned_evaluations(cfg: TrainConfig, eval_s: float) -> int:
 
 _REPLAN_AT = 3
 """Under --time-budget the step count is planned again after this step, from the steps after the
-first (which warms up): the pass timed before training ran about 15% slower than the steps did."""
+first (which warms up): the pass timed before training ran about 15% slower than the steps did.
+After that, again at every evaluation from the steps since (at least ``_REPLAN_AT - 1`` of them)."""
 
 
 def steps_in_budget(budget: float, done: int, elapsed: float, per_step: float, evals: int, eval_s: float) -> int:

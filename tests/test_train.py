@@ -324,7 +324,9 @@ def test_a_time_budget_is_planned_again_from_the_first_steps(tmp_path, tiny_mode
     messages = []
     result = train(cfg, echo=messages.append)
     assert result.total_steps > 4 and result.steps > 4
-    assert any(f"-> {result.total_steps} steps" in m and "the last 2 steps took" in m for m in messages), messages
+    plans = [m for m in messages if m.startswith("time budget 4s: the last")]
+    assert plans and plans[0].startswith("time budget 4s: the last 2 steps took"), messages  # after step 3
+    assert plans[-1].endswith(f"-> {result.total_steps} steps")  # (and again at evaluations)
     assert 2.0 < result.elapsed_s < 4.0 + 1.0
     rows = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
     lrs = {r["step"]: r["lr"] for r in rows if "lr" in r}
@@ -333,9 +335,41 @@ def test_a_time_budget_is_planned_again_from_the_first_steps(tmp_path, tiny_mode
     evals = [r["step"] for r in rows if "val_loss" in r]
     every = round(result.total_steps / 6)  # the new plan's interval (the old one's was every step)
     assert every > 1 and evals[0] == 0 and evals[-1] == result.steps  # the baseline and the last
-    # from the step that planned again on, the evaluations fall on the new interval
-    after = [s for s in evals[1:-1] if s >= T._REPLAN_AT]
-    assert after == list(range(every, result.steps, every)) and len(after) >= 2, (evals, every)
+    # from the step that planned again on, the evaluations are spread over the new plan (planned again
+    # at each of them, so the interval moves with it; the old plan's was every step): about six in
+    # all, the last wherever the budget ran out
+    after = [s for s in evals if s >= T._REPLAN_AT]
+    gaps = [b - a for a, b in zip(after, after[1:-1])]
+    assert every > 1 and 3 <= len(evals) - 1 <= 6 + 2 and gaps and min(gaps) > 1, (evals, every)
+
+
+def test_a_time_budget_is_planned_again_at_its_evaluations(tmp_path, tiny_model_dirs, corpus, monkeypatch):
+    """Steps that turn faster after the first plans (here: 0.15 s each for the first four, then
+    milliseconds) do not leave the budget unused: the step count is planned again at each evaluation
+    from the steps since the last plan, and the run goes on to about its budget."""
+    import styletune.training as T
+
+    real_step = T._Run.step
+
+    def step(self):
+        if self.state.step < 4:
+            time.sleep(0.15)
+        return real_step(self)
+
+    monkeypatch.setattr(T._Run, "step", step)
+    monkeypatch.setattr(T, "planned_evaluations", lambda *a, **k: 4)
+    cfg = config(tmp_path, tiny_model_dirs["llama"], corpus, max_steps=None, time_budget="4s", eval_every=None)
+    messages = []
+    result = train(cfg, echo=messages.append)
+    plans = [m for m in messages if m.startswith("time budget 4s: the last")]
+    assert plans[0].startswith("time budget 4s: the last 2 steps took"), plans  # steps 2 and 3, slow
+    assert float(plans[0].split(" took ")[1].split()[0]) >= 0.15
+    # planned again after an evaluation, from the fast steps: more steps than the slow ones allowed
+    totals = [int(m.rsplit("-> ", 1)[1].split()[0]) for m in plans]
+    assert len(plans) >= 2 and max(totals[1:]) > totals[0], plans
+    assert 3.0 < result.elapsed_s < 4.0 + 1.0
+    rows = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["step"] == result.steps and "val_loss" in r for r in rows)  # the last evaluation
 
 
 def test_steps_in_budget_leave_room_for_the_evaluations():
