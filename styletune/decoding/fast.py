@@ -203,9 +203,9 @@ def _int4(weight: torch.Tensor, bias: torch.Tensor | None = None):
 
 
 def _lossless_int4(weight: torch.Tensor, bias: torch.Tensor | None = None, other=None):
-    """``--quantize auto`` (``"int4-grid"``): int4 for a matrix already on a 4-bit grid (nothing lost
-    but float rounding), ``other`` for any other: weight-only int8 by default (perplexity within ~0.5%
-    of exact, measured by ``make bench``)."""
+    """``"int4-grid"`` (``--quantize auto`` with ``--compile`` or without FBGEMM): int4 for a matrix
+    already on a 4-bit grid (nothing lost but float rounding), ``other`` for any other: weight-only
+    int8 by default (perplexity within ~0.5% of exact, measured by ``make bench``)."""
     groups = _grid_groups(weight)
     return (other or _Int8Linear)(weight, bias) if groups is None else _Int4Linear(weight, bias, groups)
 
