@@ -465,10 +465,11 @@ class _Llama:
         self.scales = [None] * cfg.num_hidden_layers
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """transformers' LlamaRMSNorm (in fp32, then back to x's dtype). In fp32 torch's ``rms_norm``
-        does the same arithmetic in one call (the same bits; ~14 us against ~18 us a call here, and
-        the step makes one per layer and sublayer)."""
-        if x.dtype == weight.dtype == torch.float32:
+        """transformers' LlamaRMSNorm (in fp32, then back to x's dtype). In fp32 on CPU torch's
+        ``rms_norm`` does the same arithmetic in one call (the same bits; ~14 us against ~18 us a call
+        here, and the step makes one per layer and sublayer); GPUs have a fused kernel of their own,
+        whose rounding is not the written-out formula's."""
+        if x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu":
             return F.rms_norm(x, weight.shape, weight, self.eps)
         h = _cast(x, torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
