@@ -439,6 +439,8 @@ class _Llama:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
         dtype, device = model.dtype, model.device
+        # The residual stream and the norms' weights are in the model's dtype, on its device.
+        self.one_call_rms = dtype == torch.float32 and device.type == "cpu"
         inner = model.model
         self.norm = inner.norm.weight
         self.embed_weight = inner.embed_tokens.weight
@@ -469,7 +471,7 @@ class _Llama:
         ``rms_norm`` does the same arithmetic in one call (the same bits; ~14 us against ~18 us a call
         here, and the step makes one per layer and sublayer); GPUs have a fused kernel of their own,
         whose rounding is not the written-out formula's."""
-        if x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu":
+        if self.one_call_rms:
             return F.rms_norm(x, weight.shape, weight, self.eps)
         h = _cast(x, torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
