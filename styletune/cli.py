@@ -400,7 +400,7 @@ DATA_OPTIONS = ("column", "field", "split", "val_fraction", "val", "block_size",
 @click.option("--block-size", type=int, help="Tokens per training block [default: 256].")
 @click.option("--batch-size", type=int, help="Blocks per micro-batch [default: 8].")
 @click.option("--grad-accum", type=int, help="Micro-batches per optimizer step [default: 1].")
-@click.option("--lr", type=float, help="Peak learning rate [default: 1e-3 LoRA, 5e-5 full].")
+@click.option("--lr", type=float, help="Peak learning rate [default: 2e-3 LoRA, 5e-5 full].")
 @click.option("--weight-decay", type=float, help="AdamW weight decay [default: 0.01].")
 @click.option("--warmup-fraction", type=float, help="Share of steps for linear warm-up [default: 0.05].")
 @click.option("--epochs", type=float, help="Passes over the data [default: 1 if no other length is given].")

@@ -16,6 +16,15 @@ from .errors import StyletuneError
 
 DEFAULT_MODEL = "smollm2-135m"
 
+# Default peak learning rates. LoRA's was 1e-3 until 2e-3 learned faster on both corpora it was
+# measured on (SmolLM2-135M, r 16, block 128 x batch 8, 80 steps of the default schedule): held-out
+# perplexity 17.49 against 17.91 on the King James Bible, 9.45 against 10.62 on Python's documentation
+# (pydoc's topics). 3e-3 gave 17.44 and 8.80 at step 80 but was behind 2e-3 early on the Bible (20.21
+# against 19.62 at step 20): 2e-3 is the smaller step that keeps most of the gain. A run keeps the peak
+# it started with (its checkpoints record it), so a resumed run never changes schedule.
+LORA_LR = 2e-3
+FULL_LR = 5e-5
+
 QUANTIZE_CHOICES = ("auto", "none", "fp16", "int4", "int8", "int8-dynamic")
 """``--quantize`` values: the fastest storage that keeps quality on this CPU (fp16 where torch runs at
 AVX2 only; elsewhere int4 for matrices already on a 4-bit grid, fp16 for the rest), exact
@@ -203,7 +212,7 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     lr: float | None = None
-    """Peak learning rate; default 1e-3 for LoRA, 5e-5 for full fine-tuning."""
+    """Peak learning rate; default ``LORA_LR`` (2e-3) for LoRA, ``FULL_LR`` (5e-5) for full fine-tuning."""
     weight_decay: float = 0.01
     warmup_fraction: float = 0.05
     """Share of the steps spent warming the learning rate up linearly."""
@@ -273,7 +282,7 @@ class TrainConfig:
     def peak_lr(self) -> float:
         if self.lr is not None:
             return self.lr
-        return 1e-3 if self.method == "lora" else 5e-5
+        return LORA_LR if self.method == "lora" else FULL_LR
 
 
 def parse_duration(text: str) -> float:

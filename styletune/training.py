@@ -123,9 +123,14 @@ def uncompile_layers(layers: list[torch.nn.Module]) -> None:
     layers.clear()
 
 
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to ``min_lr_fraction`` of the peak."""
-    peak = cfg.peak_lr
+_LORA_LR_BEFORE = 1e-3
+"""LoRA's default peak learning rate before checkpoints recorded the peak (``LoopState.peak_lr``): what a
+run started then, with no --lr, continues at."""
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig, peak: float | None = None) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_fraction`` of the peak (default: the config's)."""
+    peak = cfg.peak_lr if peak is None else peak
     warmup = round(cfg.warmup_fraction * total)
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -184,6 +189,8 @@ class LoopState:
     evals_since_best: int = 0
     eval_every: int = 0
     """Steps between evaluations as planned at the start (0: a checkpoint from before it was kept)."""
+    peak_lr: float = 0.0
+    """The learning rate schedule's peak, as the run started (0: a checkpoint from before it was kept)."""
 
     @classmethod
     def from_checkpoint(cls, saved: dict) -> "LoopState":
@@ -429,6 +436,10 @@ class _Run:
             self.plan = StepPlan.make(n_blocks, state.global_batch, cfg.batch_size, procs.world, procs.rank, cfg.seed)
             ckpt.load_optimizer(self.optimizer, model, saved_tensors["optimizer"], full=fsdp)
             ckpt.set_rng_state(saved_tensors["rng"])
+            if cfg.lr is not None:
+                state.peak_lr = cfg.lr
+            elif not state.peak_lr:  # a checkpoint from before the peak was kept: the default of its day
+                state.peak_lr = _LORA_LR_BEFORE if cfg.method == "lora" else cfg.peak_lr
             total = state.total_steps
             if cfg.max_steps and cfg.max_steps != total and cfg.max_steps > state.step:
                 echo(f"note: steps 1-{state.step} followed a learning-rate schedule planned for {total} steps and the "
@@ -441,7 +452,7 @@ class _Run:
         else:
             global_batch = cfg.batch_size * cfg.grad_accum * procs.world
             self.plan = StepPlan.make(n_blocks, global_batch, cfg.batch_size, procs.world, procs.rank, cfg.seed)
-            self.state = state = LoopState(global_batch=global_batch)
+            self.state = state = LoopState(global_batch=global_batch, peak_lr=cfg.peak_lr)
             state.total_steps = plan_steps(cfg, self.plan, lambda: self._falling_back(lambda: self._micro_step(0, 0)),
                                            self.wrapped, echo, procs, eval_s=self.eval_s)
         # About ten evaluations over the run whatever its length (fewer in a short --time-budget),
@@ -499,7 +510,7 @@ class _Run:
         """Optimizer step ``state.step + 1``: (its loss over every process, this rank's tokens, lr).
         Stops with an error, on every rank together, before a non-finite weight can be saved."""
         cfg, state = self.cfg, self.state
-        lr = lr_at(state.step, state.total_steps, cfg)
+        lr = lr_at(state.step, state.total_steps, cfg, state.peak_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 

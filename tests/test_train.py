@@ -147,6 +147,31 @@ def test_resume_gives_the_same_losses(tmp_path, tiny_model_dirs, corpus, method,
     assert evals(broken.out) == evals(straight.out)
 
 
+def test_resume_keeps_the_peak_learning_rate_the_run_started_with(tmp_path, tiny_model_dirs, corpus):
+    """The default peak is recorded in the checkpoints: a run resumes on its own schedule, and one whose
+    checkpoint predates the record (LoRA's default was then 1e-3) continues at that default, not today's."""
+    from styletune import training as T
+    from styletune.config import LORA_LR
+
+    cfg = config(tmp_path / "a", tiny_model_dirs["llama"], corpus, save_every=100)
+    assert cfg.lr is None and cfg.peak_lr == LORA_LR != T._LORA_LR_BEFORE
+    train(cfg, on_step=interrupt_at(5))
+    state_file = ckpt.newest_checkpoint(Path(cfg.out)) / ckpt.STATE_FILE
+    assert json.loads(state_file.read_text())["peak_lr"] == LORA_LR
+    old = config(tmp_path / "b", tiny_model_dirs["llama"], corpus, save_every=100)
+    train(old, on_step=interrupt_at(5))
+    state_file = ckpt.newest_checkpoint(Path(old.out)) / ckpt.STATE_FILE
+    saved = json.loads(state_file.read_text())
+    del saved["peak_lr"]  # as written before the peak was recorded
+    state_file.write_text(json.dumps(saved))
+    for run, peak in ((cfg, LORA_LR), (old, T._LORA_LR_BEFORE)):
+        result = train(run, resume=True)
+        lrs = {r["step"]: r["lr"] for r in read_metrics(run.out) if "lr" in r}
+        assert [lrs[s] for s in (6, 7, 8)] == pytest.approx(
+            [T.lr_at(s - 1, result.total_steps, run, peak) for s in (6, 7, 8)])
+        assert lrs[1] == pytest.approx(T.lr_at(0, result.total_steps, run, LORA_LR))  # both started at today's
+
+
 def test_resume_survives_a_torn_last_line(tmp_path, tiny_model_dirs, corpus):
     """A SIGKILL mid-write leaves half a JSON line at the end of metrics.jsonl (and samples.jsonl):
     resume drops it with everything after the checkpoint, and the run ends as a straight one does."""
