@@ -49,6 +49,7 @@ def _decode_both_ways(lm, prompts, steps, **options):
 @pytest.mark.parametrize("quantize,tol,compile,batch", [
     (None, 1e-5, False, 2), ("int8", 5e-2, False, 2), ("int8-dynamic", 5e-2, False, 2), ("int4", 3e-1, False, 2),
     ("auto", 5e-2, False, 2), ("fp16", 5e-3, False, 2), ("fp16", 5e-3, False, 5), ("int4", 3e-1, True, 2),
+    ("auto", 5e-2, True, 2),
     (None, 1e-5, True, 2),
     ("int8-dynamic", 5e-2, True, 2), (None, 1e-5, False, 5), (None, 1e-5, True, 5)])
 def test_step_logits_match_transformers(llama, quantize, tol, compile, batch, recwarn):
@@ -65,6 +66,10 @@ def test_step_logits_match_transformers(llama, quantize, tol, compile, batch, re
     assert not [str(w.message) for w in recwarn if "decode step failed" in str(w.message)]
     if compile:
         assert dec.max_len % fast.COMPILE_BUCKET == 0  # fixed, bucketed shapes
+    if compile and quantize == "auto" and fast.has_fp16_kernel():
+        # layers off the 4-bit grid in int8 inside the package; the head in fp16, run after it
+        assert dec.quantize == "int4-grid-fp16-head"
+        assert isinstance(dec.layers[0]["qkv"], fast._Int8Linear) and isinstance(dec.head, fast._Fp16Linear)
 
 
 def test_mkl_packing_is_used_where_torch_has_it():
@@ -333,16 +338,17 @@ def _on_q4_1_grid(model):
 
 def test_auto_format_follows_the_cpu(monkeypatch):
     """``--quantize auto`` stores fp16 where torch's CPU kernels run at AVX2 only, int4 on the 4-bit
-    grid and fp16 elsewhere on AVX-512 CPUs, and int4 on the grid and int8 elsewhere in a compiled
-    step or without FBGEMM, whatever this machine is."""
+    grid and fp16 elsewhere on AVX-512 CPUs; a compiled step's layers are int4 on the grid and int8
+    elsewhere, and its head as eager auto's; without FBGEMM int4 on the grid and int8 elsewhere,
+    whatever this machine is."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert fast.auto_format() == "fp16" and fast.auto_format(compile=True) == "int4-grid"
+    assert fast.auto_format() == "fp16" and fast.auto_format(compile=True) == "int4-grid-fp16-head"
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert fast.auto_format() == "int4-fp16" and fast.auto_format(compile=True) == "int4-grid"
+    assert fast.auto_format() == "int4-fp16" and fast.auto_format(compile=True) == "int4-grid-fp16-head"
     for cpu in ("AVX2", "AVX512"):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: cpu)
         monkeypatch.setattr(fast, "has_fp16_kernel", lambda: False)  # an Arm build: no FBGEMM
-        assert fast.auto_format() == "int4-grid"
+        assert fast.auto_format() == fast.auto_format(compile=True) == "int4-grid"
 
 
 def test_fp16_without_fbgemm_is_a_clear_error(llama, monkeypatch):

@@ -9,6 +9,9 @@ the default ``--quantize auto``, 129 tokens/s against 78 for ``torch.compile`` o
 thread, an AMD EPYC, in two probes an hour apart; ``make bench``'s ``styletune_generate_b1_compile``
 row measures it against llama.cpp).
 
+An fp16 output head (``--quantize auto``'s, off the 4-bit grid) runs after the package, on the final
+norm's output: FBGEMM's packed weight is not a tensor, and a package takes only tensors.
+
 The weights and the KV cache are inputs of the compiled step, not constants inside it, and the
 filled length is a dynamic dimension (each step attends only to the filled positions), so a package
 depends only on shapes: every model of one architecture and size (the base model and each run
@@ -93,7 +96,18 @@ def _rebind(obj, tensors):
     return clone
 
 
+def _head_outside(decoder) -> bool:
+    """An fp16 head runs after the package, on its output (the final norm's): FBGEMM's packed weight
+    is not a tensor, and a package takes only tensors as inputs."""
+    from .fast import _Fp16Linear
+
+    return isinstance(decoder.head, _Fp16Linear)
+
+
 def _state(decoder):
+    """What the package reads besides the token and the KV cache: its tensors become the inputs."""
+    if _head_outside(decoder):
+        return decoder.arch, decoder.layers
     return decoder.arch, decoder.layers, decoder.head
 
 
@@ -105,8 +119,12 @@ class _Step(torch.nn.Module):
         self.decoder = decoder
 
     def forward(self, input_ids, pos, where, mask, kv, weights):
+        from .fast import _hidden
+
         d = copy.copy(self.decoder)
-        d.arch, d.layers, d.head = _rebind(_state(self.decoder), iter(weights))
+        state = _rebind(_state(self.decoder), iter(weights))
+        d.arch, d.layers = state[:2]
+        d.head = state[2] if len(state) == 3 else _hidden
         d.kv = list(kv)
         # Attend to the first mask.shape[-1] positions: a length the package takes at run time.
         return type(self.decoder)._step(d, input_ids, pos, where, mask, mask.shape[-1])
@@ -217,6 +235,7 @@ def compile_step(decoder, fallback):
                       stacklevel=3)
         return fallback()
     weights = tuple(tensors)
+    head = decoder.head if _head_outside(decoder) else None
 
     def step(input_ids, pos, where, mask, upto):
         # ``mask`` is the decoder's whole fixed-shape mask (what torch.compile's step takes); the
@@ -225,7 +244,8 @@ def compile_step(decoder, fallback):
         if n < 2:  # the package takes two positions or more (export specialises 0 and 1): eager
             return decoder._step(input_ids, pos, where, mask, None)
         filled = mask[..., :n].contiguous()
-        return runner(input_ids, pos, where, filled, tuple(decoder.kv), weights)
+        out = runner(input_ids, pos, where, filled, tuple(decoder.kv), weights)
+        return out if head is None else head(out)
 
     step.package = path
     return step

@@ -41,6 +41,7 @@ CPU kernels run at AVX2 only, the int kernels are slower than fp16, and it takes
 
 from __future__ import annotations
 
+import copy
 import threading
 import weakref
 
@@ -251,16 +252,21 @@ def auto_format(compile: bool = False) -> str:
     where the model allows: ``"fp16"`` where torch's CPU kernels run at AVX2 (no AVX-512: the int4 and
     int8 kernels are slower than FBGEMM's fp16 there, see :class:`_Fp16Linear`); elsewhere
     ``"int4-fp16"``, int4 for matrices already on a 4-bit grid (the fastest kernel on AVX-512) and fp16
-    for the rest. A compiled step (``compile``) and a torch without FBGEMM take ``"int4-grid"``, int8
-    in place of fp16 (perplexity within 1% of exact, ``make bench``'s ``quant_quality`` rows):
-    FBGEMM's packed weights are not tensors, and AOTInductor cannot take them as inputs."""
-    if compile or not has_fp16_kernel():
+    for the rest. A torch without FBGEMM takes ``"int4-grid"``, int8 in place of fp16 (perplexity within
+    1% of exact, ``make bench``'s ``quant_quality`` rows). A compiled step (``compile``) takes
+    ``"int4-grid-fp16-head"``: the layers as ``"int4-grid"`` (FBGEMM's packed weights are not tensors,
+    and AOTInductor cannot take them as inputs), the output head as ``"int4-fp16"`` stores it, an fp16 one
+    run after the package."""
+    if not has_fp16_kernel():
         return "int4-grid"
+    if compile:
+        return "int4-grid-fp16-head"
     return "fp16" if torch.backends.cpu.get_cpu_capability() == "AVX2" else "int4-fp16"
 
 
 _QUANTIZED = {"int8": _Int8Linear, "int8-dynamic": _Int8DynamicLinear, "int4": _int4, "int4-grid": _lossless_int4,
-              "int4-fp16": _int4_grid_fp16, "fp16": _Fp16Linear}
+              "int4-fp16": _int4_grid_fp16, "fp16": _Fp16Linear,
+              "int4-grid-fp16-head": _lossless_int4}  # its head: as "int4-fp16" (_derived_weights)
 
 
 class _Dense:
@@ -373,9 +379,10 @@ def _derived_weights(model, quantize: str | None, rows: int, pack: bool):
         def Proj(w, bias=None):  # noqa: N802 - a constructor like the others
             return _PackedDense(w, rows, bias)
     # int8 copies fuse the projections that read the same input into one matrix each
-    weights = _family(model).weights(model, Proj, fused=bool(quantize))
-    if kind == "relayout":
-        weights = weights[0], _DenseInOut(model.lm_head.weight)
+    layers = _family(model).weights(model, Proj, fused=bool(quantize))
+    # the compiled step's auto: the head as auto stores it eagerly (fp16 off the 4-bit grid, run after the package)
+    Head = {"relayout": _DenseInOut, "int4-grid-fp16-head": _int4_grid_fp16}.get(kind, Proj)  # noqa: N806
+    weights = layers, Head(model.lm_head.weight)
     if kind:
         entries[kind] = (sig, weights)
     return weights
@@ -397,7 +404,7 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # dtype, normalised and rotated (q already multiplied by the attention scale where ``scales[i]`` is None),
 # ``mlp(layer, x)`` (the residual branch, its norm included) and ``final(x)`` (the last norm).
 # ``weights(model, Proj, fused)`` builds the per-layer projections (``o`` is the attention output,
-# shared code) and the head.
+# shared code); the head, ``lm_head`` in every family, is built beside them.
 
 
 class _Llama:
@@ -430,7 +437,7 @@ class _Llama:
                              o=Proj(a.o_proj.weight), gate=Proj(m.gate_proj.weight), up=Proj(m.up_proj.weight),
                              down=Proj(m.down_proj.weight))
             layers.append(entry)
-        return layers, Proj(model.lm_head.weight)
+        return layers
 
     def __init__(self, model, max_len: int):
         cfg = model.config
@@ -553,7 +560,7 @@ class _GPT2:
                 "ln1": (block.ln_1.weight, block.ln_1.bias), "ln2": (block.ln_2.weight, block.ln_2.bias),
                 "qkv": Proj(a.c_attn.weight.t(), a.c_attn.bias), "o": Proj(a.c_proj.weight.t(), a.c_proj.bias),
                 "fc": Proj(m.c_fc.weight.t(), m.c_fc.bias), "proj": Proj(m.c_proj.weight.t(), m.c_proj.bias)})
-        return layers, Proj(model.lm_head.weight)
+        return layers
 
     def __init__(self, model, max_len: int):
         cfg = model.config
@@ -654,7 +661,7 @@ class FastDecoder:
         if compile:
             from .compiled import compile_step
 
-            self._forward = compile_step(self, lambda: _compiled(self._step))
+            self._forward = compile_step(self, lambda: _compiled_step(self))
         else:
             self._forward = self._step
 
@@ -797,6 +804,22 @@ class SlotDecoder(FastDecoder):
         for s in slots:
             self.lengths[s] += 1
         return logits
+
+
+def _hidden(x: torch.Tensor) -> torch.Tensor:
+    """The head of a step whose real head runs after it: the final norm's output, unchanged."""
+    return x
+
+
+def _compiled_step(decoder):
+    """``torch.compile`` of the decoder's step. An fp16 head (FBGEMM's packed weight, which the compiler
+    does not take) runs after the compiled part, on the final norm's output."""
+    if not isinstance(decoder.head, _Fp16Linear):
+        return _compiled(decoder._step)
+    body = copy.copy(decoder)  # the same layers and KV cache; only the head differs
+    body.head = _hidden
+    step = _compiled(body._step)
+    return lambda *args: decoder.head(step(*args))
 
 
 def _compiled(fn):
