@@ -96,18 +96,7 @@ def _rebind(obj, tensors):
     return clone
 
 
-def _head_outside(decoder) -> bool:
-    """An fp16 head runs after the package, on its output (the final norm's): FBGEMM's packed weight
-    is not a tensor, and a package takes only tensors as inputs."""
-    from .fast import _Fp16Linear
-
-    return isinstance(decoder.head, _Fp16Linear)
-
-
 def _state(decoder):
-    """What the package reads besides the token and the KV cache: its tensors become the inputs."""
-    if _head_outside(decoder):
-        return decoder.arch, decoder.layers
     return decoder.arch, decoder.layers, decoder.head
 
 
@@ -119,12 +108,8 @@ class _Step(torch.nn.Module):
         self.decoder = decoder
 
     def forward(self, input_ids, pos, where, mask, kv, weights):
-        from .fast import _hidden
-
         d = copy.copy(self.decoder)
-        state = _rebind(_state(self.decoder), iter(weights))
-        d.arch, d.layers = state[:2]
-        d.head = state[2] if len(state) == 3 else _hidden
+        d.arch, d.layers, d.head = _rebind(_state(self.decoder), iter(weights))
         d.kv = list(kv)
         # Attend to the first mask.shape[-1] positions: a length the package takes at run time.
         return type(self.decoder)._step(d, input_ids, pos, where, mask, mask.shape[-1])
@@ -214,8 +199,12 @@ def compile_step(decoder, fallback):
     """The decoder's fixed-shape step, ``(input_ids, pos, where, mask, upto) -> logits``, as an
     AOTInductor package from the cache (built and stored on first use). ``fallback()`` gives the
     step to use where that fails."""
+    from .fast import split_head
+
+    # The package is built from ``body``: the decoder itself, or (an fp16 head) the same without its head.
+    body, head = split_head(decoder)
     tensors, sig = [], []
-    _flatten(_state(decoder), tensors, sig)
+    _flatten(_state(body), tensors, sig)
     batch = decoder.mask.shape[0]
     key = _key(decoder, sig, batch)
     path = _directory() / f"{key}.pt2"
@@ -224,7 +213,7 @@ def compile_step(decoder, fallback):
             runner = _LOADED.get(key)
             if runner is None:
                 if not path.is_file():
-                    _build(decoder, tensors, path, batch)
+                    _build(body, tensors, path, batch)
                     _prune(path.parent, KEEP_PACKAGES)
                 else:
                     os.utime(path)  # recently used
@@ -235,7 +224,6 @@ def compile_step(decoder, fallback):
                       stacklevel=3)
         return fallback()
     weights = tuple(tensors)
-    head = decoder.head if _head_outside(decoder) else None
 
     def step(input_ids, pos, where, mask, upto):
         # ``mask`` is the decoder's whole fixed-shape mask (what torch.compile's step takes); the

@@ -811,15 +811,22 @@ def _hidden(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _compiled_step(decoder):
-    """``torch.compile`` of the decoder's step. An fp16 head (FBGEMM's packed weight, which the compiler
-    does not take) runs after the compiled part, on the final norm's output."""
+def split_head(decoder):
+    """(the decoder a compiler sees, the head to run after its step or None). An fp16 head is FBGEMM's
+    packed weight, which neither AOTInductor (a package takes only tensors) nor torch.compile takes:
+    the compiled step then ends at the final norm, and the head runs after it."""
     if not isinstance(decoder.head, _Fp16Linear):
-        return _compiled(decoder._step)
+        return decoder, None
     body = copy.copy(decoder)  # the same layers and KV cache; only the head differs
     body.head = _hidden
+    return body, decoder.head
+
+
+def _compiled_step(decoder):
+    """``torch.compile`` of the decoder's step, its head after it where :func:`split_head` says so."""
+    body, head = split_head(decoder)
     step = _compiled(body._step)
-    return lambda *args: decoder.head(step(*args))
+    return step if head is None else lambda *args: head(step(*args))
 
 
 def _compiled(fn):
