@@ -257,7 +257,13 @@ def packed_blocks(tok, jokes: list[str], block_size: int):
     return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
 
 
-def measure_plain_loop(s: Settings, lora_dropout: float = 0.05) -> dict:
+# The hand-written loops' LoRA dropout, as in peft's tutorials. styletune's default is 0 (peft's
+# LoraConfig default): the training rows below pass this value so that their ratios against the loop
+# measure the loops, not the hyperparameter; the ``_nodrop`` pair compares both at 0.
+LOOP_LORA_DROPOUT = 0.05
+
+
+def measure_plain_loop(s: Settings, lora_dropout: float = LOOP_LORA_DROPOUT) -> dict:
     """Reference: the smallest correct LoRA loop, written by hand.
 
     peft LoRA (r=16, alpha=32, dropout 0.05, styletune's target modules for this
@@ -315,9 +321,9 @@ def measure_plain_loop_nodrop(s: Settings) -> dict:
 
 
 def measure_styletune_train(s: Settings, train_layers: int | None = None, compile: bool = False,
-                            lora_dropout: float | None = None, dtype: str = "auto") -> dict:
+                            lora_dropout: float = LOOP_LORA_DROPOUT, dtype: str = "auto") -> dict:
     """styletune's own training loop: ``styletune.train`` (``styletune.training.train``) with LoRA
-    on the same jokes, block size and batch size as ``plain_loop``.
+    on the same jokes, block size, batch size and LoRA dropout as ``plain_loop``.
 
     Tokens/s comes from the run's ``metrics.jsonl``: tokens from ``tokens_seen`` differences,
     time from ``elapsed_s`` differences (so a step's own overhead counts), over the steps
@@ -337,7 +343,7 @@ def measure_styletune_train(s: Settings, train_layers: int | None = None, compil
         data=DataConfig(sources=[s.corpus_csv], column="Joke", block_size=s.block_size, dedupe=False),
         batch_size=s.batch_size, max_steps=steps, eval_every=steps + 1, save_every=steps + 1, dtype=dtype, seed=0,
         train_layers=train_layers, **({"compile": True} if compile else {}),
-        **({"lora_dropout": lora_dropout} if lora_dropout is not None else {}),
+        lora_dropout=lora_dropout,
     )
     lines: list[str] = []
     t0 = time.perf_counter()
@@ -375,8 +381,8 @@ def measure_styletune_train_compile(s: Settings) -> dict:
 
 
 def measure_styletune_train_nodrop(s: Settings) -> dict:
-    """``styletune train --lora-dropout 0``: LoRA's dropout masks (a Bernoulli draw over every
-    LoRA input, 7 per layer) are a large share of a CPU step."""
+    """``styletune train`` at its default LoRA dropout, 0 (``--lora-dropout 0``): LoRA's dropout masks
+    (a Bernoulli draw over every LoRA input, 7 per layer) are a large share of a CPU step."""
     return measure_styletune_train(s, lora_dropout=0.0)
 
 
@@ -721,6 +727,68 @@ def measure_styletune_generate_b8_int8dyn_compile(s: Settings) -> dict:
     """The 8 prompts with ``--quantize int8-dynamic --compile``, to set against the batch-1 row
     with the same settings."""
     return _styletune_generate(s, PROMPTS_B8, quantize="int8-dynamic", compile=True)
+
+
+def _decode_floor(s: Settings, rows: int) -> dict:
+    """A bound, not a decoder: the matrix products of decode steps at ``rows`` rows in the default
+    format (``--quantize auto`` on this CPU), timed alone.
+
+    One real step of styletune's decode step records, in order, every projection it calls and the
+    input it gave it (the layers' fused projections and the output head); the timed loop then calls
+    the same kernels on the same inputs, already in the dtype each kernel takes, one whole token
+    after another, so each weight matrix is read from memory as in decoding. Norms, rotary positions,
+    attention, the KV cache and the step's own Python are left out, so no decode loop built on these
+    kernels can beat this figure: ``styletune_b1 / decode_floor_b1`` is the share of it reached, and
+    ``decode_floor_b1 / llamacpp`` the most such a loop could reach against llama.cpp."""
+    import torch
+    from styletune.decoding import fast
+    from styletune.models import load_model
+
+    lm = load_model(s.styletune_model, device="cpu", dtype="auto", quantize="auto")
+    dec = fast.FastDecoder(lm.model, batch=rows, max_len=8, quantize=lm.quantize)
+    calls = []
+
+    def recorder(proj):
+        def call(x):
+            # the dtype the kernel reads (the int kernels cast to bf16 first; fp16's FBGEMM takes fp32)
+            calls.append((proj, x.to(torch.bfloat16) if isinstance(proj, (fast._Int4Linear, fast._Int8Linear))
+                          else x.clone()))
+            return proj(x)
+        return call
+
+    # copies of the per-layer dicts: the model's cached weights stay unwrapped
+    dec.layers = [{k: recorder(v) if callable(v) else v for k, v in layer.items()} for layer in dec.layers]
+    dec.head = recorder(dec.head)
+    ids = torch.zeros(rows, 1, dtype=torch.long)
+    dec.step(ids, torch.ones(rows, 1, dtype=torch.long))
+    kinds = sorted({type(p).__name__.lstrip("_") for p, _ in calls})
+    tokens = s.new_tokens
+
+    @torch.inference_mode()
+    def decode_products():
+        for _ in range(tokens):
+            for proj, x in calls:
+                proj(x)
+    decode_products()
+    best, times = best_of(decode_products, s.repeats)
+    return {
+        "value": rows * tokens / best, "unit": "tokens/s (upper bound)",
+        "timing": f"1 warm-up pass, best of {s.repeats} passes of {tokens} steps",
+        "notes": f"{len(calls)} products a step ({', '.join(kinds)}; format {lm.quantize} = {dec.quantize}), "
+                 f"{rows} row(s), {1000 * best / tokens:.2f} ms a step; times {fmt_times(times)}",
+        "seconds": best,
+    }
+
+
+def measure_decode_floor_b1(s: Settings) -> dict:
+    """The products of one-row decode steps alone, default format (:func:`_decode_floor`)."""
+    return _decode_floor(s, 1)
+
+
+def measure_decode_floor_b8(s: Settings) -> dict:
+    """The same products at 8 rows: ``decode_floor_b8 / decode_floor_b1`` is the most that batching 8
+    prompts can buy with these kernels."""
+    return _decode_floor(s, 8)
 
 
 def measure_hf_generate_b1_static_compile(s: Settings) -> dict:
@@ -1439,7 +1507,7 @@ def measure_quality_plain_loop(s: Settings) -> dict:
     model.config.use_cache = False
     data = _quality_data(s, tok)
     torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=LOOP_LORA_DROPOUT,
                                              target_modules=default_lora_targets(model), task_type="CAUSAL_LM"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     amp = torch.bfloat16 if cpu_has_bf16() else None
@@ -1570,6 +1638,8 @@ MEASUREMENTS = {
     "hf_generate_b1_static_compile": ("generate", "reference", measure_hf_generate_b1_static_compile),
     "hf_generate_b1_torchao_int8": ("generate", "reference", measure_hf_generate_b1_torchao_int8),
     "llamacpp_b1": ("generate", "reference", measure_llamacpp_b1),
+    "decode_floor_b1": ("generate", "bound", measure_decode_floor_b1),
+    "decode_floor_b8": ("generate", "bound", measure_decode_floor_b8),
     "styletune_tuned_b1": ("generate", "styletune", measure_styletune_tuned_b1),
     "llamacpp_tuned_q8_0_b1": ("generate", "reference", measure_llamacpp_tuned_q8_0_b1),
     "load_time": ("generate", "styletune", measure_load_time),
@@ -1599,7 +1669,7 @@ MEASUREMENTS = {
 # tokens/s are divided styletune / reference, load times reference / styletune.
 RATIOS = [
     ("styletune_train / plain_loop", "styletune_train", "plain_loop",
-     "useful training tokens/s vs a hand-written LoRA loop"),
+     "useful training tokens/s vs a hand-written LoRA loop (both at LoRA dropout 0.05)"),
     ("styletune_train / trainer_padded", "styletune_train", "trainer_padded",
      "useful training tokens/s vs Trainer on padded records (full FT)"),
     ("train_matmul_floor / plain_loop", "train_matmul_floor", "plain_loop",
@@ -1609,7 +1679,7 @@ RATIOS = [
     ("styletune_train_compile / plain_loop", "styletune_train_compile", "plain_loop",
      "--compile vs the hand-written loop"),
     ("styletune_train_nodrop / plain_loop_nodrop", "styletune_train_nodrop", "plain_loop_nodrop",
-     "both with LoRA dropout 0"),
+     "default flags (LoRA dropout 0) vs the hand-written loop at peft's defaults (dropout 0 too)"),
     ("styletune_train_nodrop_compile / plain_loop_nodrop", "styletune_train_nodrop_compile", "plain_loop_nodrop",
      "--lora-dropout 0 --compile vs the hand-written loop with dropout 0"),
     ("styletune_train_nodrop_compile / plain_loop", "styletune_train_nodrop_compile", "plain_loop",
@@ -1656,8 +1726,16 @@ RATIOS = [
      "the same with --compile"),
     ("styletune_b1_int8dyn_compile / hf_b1", "styletune_generate_b1_int8dyn_compile", "hf_generate_b1",
      "--quantize int8-dynamic --compile vs transformers generate fp32"),
+    ("decode_floor_b1 / llamacpp", "decode_floor_b1", "llamacpp_b1",
+     "the most a batch-1 decode on the default format's kernels could reach vs llama.cpp (its products alone)"),
+    ("styletune_b1 / decode_floor_b1", "styletune_generate_b1", "decode_floor_b1",
+     "share of that bound the default decode reaches (1 = nothing but products)"),
+    ("styletune_b1_compile / decode_floor_b1", "styletune_generate_b1_compile", "decode_floor_b1",
+     "share of that bound --compile reaches"),
     ("styletune_b8 / styletune_b1", "styletune_generate_b8", "styletune_generate_b1",
      "what batching 8 prompts buys in tokens/s"),
+    ("decode_floor_b8 / decode_floor_b1", "decode_floor_b8", "decode_floor_b1",
+     "the most batching 8 prompts can buy with the default format's kernels (products alone)"),
     ("styletune_b8_int8dyn_compile / b1", "styletune_generate_b8_int8dyn_compile",
      "styletune_generate_b1_int8dyn_compile", "what batching 8 prompts buys with --quantize int8-dynamic --compile"),
     ("styletune_b8 / hf_b8", "styletune_generate_b8", "hf_generate_b8",

@@ -414,7 +414,7 @@ DATA_OPTIONS = ("column", "field", "split", "val_fraction", "val", "block_size",
 @click.option("--eval-max-new-tokens", type=int, help="Length of evaluation samples [default: 40].")
 @click.option("--lora-r", type=int, help="LoRA rank [default: 16].")
 @click.option("--lora-alpha", type=int, help="LoRA alpha [default: 32].")
-@click.option("--lora-dropout", type=float, help="LoRA dropout [default: 0.05].")
+@click.option("--lora-dropout", type=float, help="LoRA dropout [default: 0].")
 @click.option("--compile/--no-compile", default=None, help="torch.compile the transformer layers for "
               "training (a one-off compilation of ~30 s; evaluation stays eager) [default: off].")
 @click.option("--train-layers", type=int, help="Train only the top N transformer layers; faster, since "

@@ -199,7 +199,10 @@ class TrainConfig:
     """LoRA rank."""
     lora_alpha: int = 32
     """LoRA scaling numerator (scale = alpha / r)."""
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0
+    """Dropout on LoRA's input. 0, as in peft's ``LoraConfig`` and Unsloth: in runs of 80 steps of
+    SmolLM2, 0.05 reached no lower held-out perplexity (King James Bible 17.49 both; Python docs 9.45
+    against 9.40 at 0), and its masks made the runs take 17% and 32% longer."""
     lora_targets: list[str] | None = None
     """Module names to adapt; default chosen per architecture."""
     compile: bool = False
