@@ -173,6 +173,27 @@ def test_a_failing_compiler_falls_back_to_eager_with_a_warning(llama, monkeypatc
     assert [s.token_ids for s in compiled_out] == [s.token_ids for s in eager]
 
 
+def test_a_package_without_a_flat_entry_point_gets_its_arguments_nested():
+    """The compiled step hands the package its inputs flat (the loader's ``boxed_run``: no pytree per
+    token); a package object without that loader is called as exported, ``(ids, pos, where, mask, kv,
+    weights)``, with the same tensors."""
+    from styletune.decoding import compiled
+
+    seen = []
+
+    class Package:  # the public call only
+        def __call__(self, *args):
+            seen.append(args)
+            return "logits"
+
+    flat = [torch.tensor(i) for i in range(9)]
+    assert compiled._flat_runner(Package(), n_kv=2)(flat) == "logits"
+    (args,) = seen
+    assert [a is b for a, b in zip(args[:4], flat)] == [True] * 4
+    assert [t is u for t, u in zip(args[4], flat[4:6])] == [True, True] and len(args[4]) == 2
+    assert [t is u for t, u in zip(args[5], flat[6:])] == [True] * 3 and len(args[5]) == 3
+
+
 def test_the_compiled_step_is_built_once_per_shape_and_serves_every_model_of_that_shape(llama, monkeypatch,
                                                                                         tmp_path, capsys):
     """--compile: one AOTInductor package per (shape, format, batch, cache length), on disk. A second

@@ -195,6 +195,17 @@ def _build(decoder, tensors: list, path: Path, batch: int) -> None:
             os.unlink(tmp)
 
 
+def _flat_runner(runner, n_kv: int):
+    """``run(tensors) -> logits``: the package called on its inputs already flat, in the order of
+    ``_Step.forward``'s arguments (``n_kv`` KV buffers after the first four). The package's own
+    ``__call__`` flattens its arguments with pytree on every call, ~0.6 ms a token for SmolLM2's ~350
+    tensors (measured here); its loader's ``boxed_run``, which that call ends in, takes them flat."""
+    loader = getattr(runner, "loader", None)
+    if loader is None or not hasattr(loader, "boxed_run"):  # another torch: the public call
+        return lambda flat: runner(*flat[:4], tuple(flat[4:4 + n_kv]), tuple(flat[4 + n_kv:]))
+    return lambda flat: loader.boxed_run(flat)[0]
+
+
 def compile_step(decoder, fallback):
     """The decoder's fixed-shape step, ``(input_ids, pos, where, mask, upto) -> logits``, as an
     AOTInductor package from the cache (built and stored on first use). ``fallback()`` gives the
@@ -224,6 +235,7 @@ def compile_step(decoder, fallback):
                       stacklevel=3)
         return fallback()
     weights = tuple(tensors)
+    run = _flat_runner(runner, len(decoder.kv))
 
     def step(input_ids, pos, where, mask, upto):
         # ``mask`` is the decoder's whole fixed-shape mask (what torch.compile's step takes); the
@@ -232,7 +244,7 @@ def compile_step(decoder, fallback):
         if n < 2:  # the package takes two positions or more (export specialises 0 and 1): eager
             return decoder._step(input_ids, pos, where, mask, None)
         filled = mask[..., :n].contiguous()
-        out = runner(input_ids, pos, where, filled, tuple(decoder.kv), weights)
+        out = run([input_ids, pos, where, filled, *decoder.kv, *weights])
         return out if head is None else head(out)
 
     step.package = path
