@@ -312,6 +312,28 @@ def test_slots_let_sequences_join_and_leave_between_steps(tiny_model_dirs, famil
     assert dec.lengths[2] == 6 + 8 and dec.lengths[1] == 2 + 5
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_prompts_of_different_lengths_prefill_together(tiny_model_dirs, family):
+    """``prefill_rows``: prompts of three lengths in one left-padded pass, into slots out of order;
+    the first logits and those of the steps after, row by row, are transformers' over that sequence
+    alone, and the padding never reaches a slot."""
+    lm = load_model(str(tiny_model_dirs[family]), device="cpu", dtype="float32")
+    dec = fast.SlotDecoder(lm.model, slots=4, max_len=64)
+    seqs = {3: [5, 6, 7], 0: [8, 9, 10, 11, 12, 13], 2: [20]}
+    out = dec.prefill_rows(list(seqs), [list(ids) for ids in seqs.values()])
+    assert [dec.lengths[s] for s in (0, 2, 3)] == [6, 1, 3]
+    assert all(float(kv[:, 2, :, 1:].abs().max()) == 0.0 for kv in dec.kv)  # the one-token prompt's slot
+    for step in range(3):
+        for b, s in enumerate(seqs):
+            with torch.no_grad():
+                ref = lm.model(torch.tensor([seqs[s]])).logits[0, -1]
+            assert (out[b] - ref).abs().max() <= 1e-5 * ref.abs().max(), (step, s)
+        tokens = [int(row.argmax()) for row in out]
+        out = dec.decode(list(seqs), tokens)
+        for s, t in zip(seqs, tokens):
+            seqs[s].append(t)
+
+
 def test_slots_that_are_not_consecutive_copy_only_their_filled_positions(llama):
     """Decoding slots 0 and 2 of 3 gathers their KV (a copy): of the positions filled so far, not of
     the whole buffer, which in a server holds --max-model-len positions per slot (a gather of the

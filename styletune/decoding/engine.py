@@ -294,16 +294,15 @@ def _slot_decoder(lm, rows: list[list[int]], max_new_tokens: int):
         return None
     decoder = fast.SlotDecoder(lm.model, len(rows), max(len(r) for r in rows) + max_new_tokens,
                                quantize=getattr(lm, "quantize", None))
-    logits, first = [], {}
+    first: dict[tuple, int] = {}  # each distinct prompt -> the slot that holds its prefill
     for slot, ids in enumerate(rows):
-        key = tuple(ids)
-        if key in first:
-            decoder.copy_slot(first[key], slot)
-            logits.append(logits[first[key]])
-        else:
-            first[key] = slot
-            logits.append(decoder.prefill(slot, ids))
-    return decoder, torch.stack(logits)
+        first.setdefault(tuple(ids), slot)
+    logits = decoder.prefill_rows(list(first.values()), [list(key) for key in first])
+    of_slot = {slot: logits[n] for n, slot in enumerate(first.values())}
+    for slot, ids in enumerate(rows):
+        if first[tuple(ids)] != slot:
+            decoder.copy_slot(first[tuple(ids)], slot)
+    return decoder, torch.stack([of_slot[first[tuple(ids)]] for ids in rows])
 
 
 def _fast_decoder(lm, cache, batch: int, max_len: int):

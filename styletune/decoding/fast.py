@@ -762,19 +762,32 @@ class SlotDecoder(FastDecoder):
         self.model = model
         self.lengths = [0] * slots
 
-    @torch.inference_mode()
     def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
         """Put the prompt ``ids`` into ``slot``; returns the float32 logits of its next token (V,)."""
+        return self.prefill_rows([slot], [ids])[0]
+
+    @torch.inference_mode()
+    def prefill_rows(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Put ``prompts[b]`` into ``slots[b]``, all in one forward pass through transformers' model,
+        left-padded as its ``generate`` batches prompts; returns their next tokens' float32 logits
+        (B, V). One pass reads the weights once: GPT-2 small's 8 different prompts took ~0.48 s one by
+        one here, in fp32, which is ~3.7 ms of every step of a 128-token generation."""
+        from .engine import left_pad
         from .strategies import forward_step
 
-        if len(ids) >= self.limit:
-            raise StyletuneError(f"the prompt has {len(ids)} tokens; a slot holds {self.limit} positions")
-        logits, cache = forward_step(self.model, torch.tensor([ids], device=self.device), None)
+        for ids in prompts:
+            if len(ids) >= self.limit:
+                raise StyletuneError(f"the prompt has {len(ids)} tokens; a slot holds {self.limit} positions")
+        ids, mask = left_pad(prompts, 0, self.device)  # the pad id is masked out: any will do
+        logits, cache = forward_step(self.model, ids, mask)
+        width = ids.shape[1]
         for i, layer in enumerate(cache.layers):
-            self.k[i][slot, :, :len(ids)] = layer.keys[0]
-            self.v[i][slot, :, :len(ids)] = layer.values[0]
-        self.lengths[slot] = len(ids)
-        return logits[0]
+            for b, (slot, prompt) in enumerate(zip(slots, prompts)):
+                self.k[i][slot, :, :len(prompt)] = layer.keys[b, :, width - len(prompt):]
+                self.v[i][slot, :, :len(prompt)] = layer.values[b, :, width - len(prompt):]
+        for slot, prompt in zip(slots, prompts):
+            self.lengths[slot] = len(prompt)
+        return logits
 
     @torch.inference_mode()
     def copy_slot(self, src: int, dst: int) -> None:
