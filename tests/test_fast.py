@@ -314,14 +314,15 @@ def test_slots_let_sequences_join_and_leave_between_steps(tiny_model_dirs, famil
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_prompts_of_different_lengths_prefill_together(tiny_model_dirs, family):
-    """``prefill_rows``: prompts of three lengths in one left-padded pass, into slots out of order;
-    the first logits and those of the steps after, row by row, are transformers' over that sequence
-    alone, and the padding never reaches a slot."""
+    """``prefill_rows``: prompts of three lengths in one left-padded pass and a much longer one in a
+    pass of its own, into slots out of order; the first logits and those of the steps after, row by
+    row, are transformers' over that sequence alone, and the padding never reaches a slot."""
     lm = load_model(str(tiny_model_dirs[family]), device="cpu", dtype="float32")
     dec = fast.SlotDecoder(lm.model, slots=4, max_len=64)
-    seqs = {3: [5, 6, 7], 0: [8, 9, 10, 11, 12, 13], 2: [20]}
+    seqs = {3: [5, 6, 7], 0: [8, 9, 10, 11, 12, 13], 2: [20], 1: list(range(30, 60))}
+    assert sorted(map(sorted, fast._padding_groups([len(ids) for ids in seqs.values()]))) == [[0, 1, 2], [3]]
     out = dec.prefill_rows(list(seqs), [list(ids) for ids in seqs.values()])
-    assert [dec.lengths[s] for s in (0, 2, 3)] == [6, 1, 3]
+    assert [dec.lengths[s] for s in (0, 1, 2, 3)] == [6, 30, 1, 3]
     assert all(float(kv[:, 2, :, 1:].abs().max()) == 0.0 for kv in dec.kv)  # the one-token prompt's slot
     for step in range(3):
         for b, s in enumerate(seqs):
@@ -332,6 +333,15 @@ def test_prompts_of_different_lengths_prefill_together(tiny_model_dirs, family):
         out = dec.decode(list(seqs), tokens)
         for s, t in zip(seqs, tokens):
             seqs[s].append(t)
+
+
+def test_padding_groups_cover_every_prompt_and_at_most_double_the_tokens():
+    for lengths in ([1], [5, 6, 7], [3, 1500, 10, 12], [4] * 8, [1, 100], [10, 10, 10, 40], list(range(1, 60, 7))):
+        groups = fast._padding_groups(lengths)
+        assert sorted(b for g in groups for b in g) == list(range(len(lengths)))
+        for g in groups:
+            assert len(g) * max(lengths[b] for b in g) <= 2 * sum(lengths[b] for b in g)
+    assert len(fast._padding_groups([3, 1500, 10, 12])) == 2 and len(fast._padding_groups([4] * 8)) == 1
 
 
 def test_slots_that_are_not_consecutive_copy_only_their_filled_positions(llama):

@@ -279,3 +279,37 @@ def test_the_scheduler_batches_gpt2_requests(gpt2):
     for (p, seed, n), text in zip(jobs, texts):
         [alone] = generate(gpt2, [p], DecodingConfig(max_new_tokens=n, temperature=1.1, stop_at_eos=False, seed=seed))
         assert text == alone.text
+
+
+def test_requests_admitted_together_are_prefilled_together_and_a_bad_one_fails_alone(gpt2, monkeypatch):
+    """Requests waiting when the scheduler admits are prefilled in one ``prefill_rows`` call; when that
+    call fails (here: one prompt longer than a slot), each is prefilled alone, the bad one gets its
+    error and gives its slot back, and the others start from transformers' logits for their prompt."""
+    from styletune.decoding.engine import encode_prompts
+    from styletune.decoding.scheduler import Request, Scheduler
+
+    sched = Scheduler(gpt2, max_concurrency=4, max_len=32)
+    sched.close()  # its thread stopped: this test calls _admit itself
+    calls = []
+    real = sched.decoder.prefill_rows
+    monkeypatch.setattr(sched.decoder, "prefill_rows", lambda slots, prompts: calls.append(len(slots))
+                        or real(slots, prompts))
+    cfg = DecodingConfig(max_new_tokens=3, greedy=True).validate()
+    good = [Request(prompt=p, cfg=cfg, seed=0) for p in PROMPTS[:2]]
+    sched.waiting.put(good[0])
+    sched.waiting.put(good[1])
+    sched._admit()
+    assert calls == [2] and [a.request for a in sched.active] == good
+    bad = Request(prompt="word " * 40, cfg=cfg, seed=0)
+    sched.waiting.put(bad)
+    sched.waiting.put(good[0])
+    sched._admit()
+    assert calls == [2, 2, 1, 1]  # together (it raised), then one at a time
+    event = bad.events.get_nowait()
+    assert event.kind == "error" and "a slot holds 32 positions" in event.error
+    assert len(sched.active) == 3 and len(sched.free) == 1
+    for a in sched.active:
+        [ids] = encode_prompts(gpt2.tokenizer, [a.request.prompt])
+        with torch.no_grad():
+            want = gpt2.model(torch.tensor([ids])).logits[0, -1]
+        assert _close(a.logits, want, 1e-5)

@@ -1,7 +1,7 @@
 """Continuous batching: one thread owns the model and decodes every active sequence together.
 
 Requests are queued; between decode steps the scheduler admits waiting ones into free KV
-slots (a prefill each), then runs one batched step for all active sequences, each with its
+slots (their prompts prefilled together), then runs one batched step for all active sequences, each with its
 own decoding settings and random generator, and retires the finished, cancelled and timed-out
 ones, so sequences join and leave the batch at every step (as vLLM and llama.cpp's server do).
 
@@ -163,11 +163,14 @@ class Scheduler:
                 self.free = list(range(self.max_concurrency))
 
     def _admit(self) -> None:
+        """Waiting requests into free slots; their prompts are prefilled together (one pass reads the
+        weights once, where a pass per prompt read them once each)."""
+        admitted: list[tuple[Request, int, list[int]]] = []
         while self.free or not self.batched:
             try:
                 request = self.waiting.get_nowait()
             except queue.Empty:
-                return
+                break
             if request.cancelled.is_set():
                 continue
             if request.cfg.max_new_tokens == 0:
@@ -177,14 +180,27 @@ class Scheduler:
             if not self.batched or request.cfg.mode == "beam":
                 self._run_alone(request)
                 continue
-            slot = self.free.pop()
             try:
                 ids = encode_prompts(self.lm.tokenizer, [request.prompt])[0]
                 request.prompt_tokens = len(ids)
-                logits = self.decoder.prefill(slot, ids)
             except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
-                self.free.append(slot)
                 request.emit(Event("error", error=str(exc)))
+                continue
+            admitted.append((request, self.free.pop(), ids))
+        if not admitted:
+            return
+        try:
+            rows = self.decoder.prefill_rows([slot for _, slot, _ in admitted], [ids for _, _, ids in admitted])
+        except Exception:  # noqa: BLE001 - find the request that fails: one at a time, the others go on
+            rows = [None] * len(admitted)
+            for n, (request, slot, ids) in enumerate(admitted):
+                try:
+                    rows[n] = self.decoder.prefill(slot, ids)
+                except Exception as exc:  # noqa: BLE001
+                    self.free.append(slot)
+                    request.emit(Event("error", error=str(exc)))
+        for (request, slot, ids), logits in zip(admitted, rows):
+            if logits is None:
                 continue
             shaping, sampling = build_processors(request.cfg)
             self.active.append(_Active(
