@@ -297,12 +297,12 @@ def _slot_decoder(lm, rows: list[list[int]], max_new_tokens: int):
     first: dict[tuple, int] = {}  # each distinct prompt -> the slot that holds its prefill
     for slot, ids in enumerate(rows):
         first.setdefault(tuple(ids), slot)
-    logits = decoder.prefill_rows(list(first.values()), [list(key) for key in first])
-    of_slot = {slot: logits[n] for n, slot in enumerate(first.values())}
+    logits = decoder.prefill_rows(list(first.values()), [list(key) for key in first])  # (distinct prompts, V)
+    row_of = {key: n for n, key in enumerate(first)}
     for slot, ids in enumerate(rows):
         if first[tuple(ids)] != slot:
             decoder.copy_slot(first[tuple(ids)], slot)
-    return decoder, torch.stack([of_slot[first[tuple(ids)]] for ids in rows])
+    return decoder, logits[[row_of[tuple(ids)] for ids in rows]]
 
 
 def _fast_decoder(lm, cache, batch: int, max_len: int):
