@@ -786,8 +786,9 @@ def measure_decode_floor_b1(s: Settings) -> dict:
 
 
 def measure_decode_floor_b8(s: Settings) -> dict:
-    """The same products at 8 rows: ``decode_floor_b8 / decode_floor_b1`` is the most that batching 8
-    prompts can buy with these kernels."""
+    """The same products at 8 rows: ``decode_floor_b8 / decode_floor_b1`` is what batching 8 prompts buys
+    a decoder that spends its time in these kernels only (the work that grows with the rows, attention
+    over each row's KV cache among it, is left out, as is the per-step cost that batching shares)."""
     return _decode_floor(s, 8)
 
 
@@ -1735,7 +1736,7 @@ RATIOS = [
     ("styletune_b8 / styletune_b1", "styletune_generate_b8", "styletune_generate_b1",
      "what batching 8 prompts buys in tokens/s"),
     ("decode_floor_b8 / decode_floor_b1", "decode_floor_b8", "decode_floor_b1",
-     "the most batching 8 prompts can buy with the default format's kernels (products alone)"),
+     "tokens/s of the default format's products alone at 8 rows vs 1: what batching buys where nothing else costs"),
     ("styletune_b8_int8dyn_compile / b1", "styletune_generate_b8_int8dyn_compile",
      "styletune_generate_b1_int8dyn_compile", "what batching 8 prompts buys with --quantize int8-dynamic --compile"),
     ("styletune_b8 / hf_b8", "styletune_generate_b8", "hf_generate_b8",
