@@ -294,15 +294,16 @@ def _slot_decoder(lm, rows: list[list[int]], max_new_tokens: int):
         return None
     decoder = fast.SlotDecoder(lm.model, len(rows), max(len(r) for r in rows) + max_new_tokens,
                                quantize=getattr(lm, "quantize", None))
+    keys = [tuple(ids) for ids in rows]
     first: dict[tuple, int] = {}  # each distinct prompt -> the slot that holds its prefill
-    for slot, ids in enumerate(rows):
-        first.setdefault(tuple(ids), slot)
+    for slot, key in enumerate(keys):
+        first.setdefault(key, slot)
     logits = decoder.prefill_rows(list(first.values()), [list(key) for key in first])  # (distinct prompts, V)
     row_of = {key: n for n, key in enumerate(first)}
-    for slot, ids in enumerate(rows):
-        if first[tuple(ids)] != slot:
-            decoder.copy_slot(first[tuple(ids)], slot)
-    return decoder, logits[[row_of[tuple(ids)] for ids in rows]]
+    for slot, key in enumerate(keys):
+        if first[key] != slot:
+            decoder.copy_slot(first[key], slot)
+    return decoder, logits[[row_of[key] for key in keys]]
 
 
 def _fast_decoder(lm, cache, batch: int, max_len: int):

@@ -773,9 +773,8 @@ class SlotDecoder(FastDecoder):
         Prompts go through transformers' model together, left-padded as its ``generate`` batches
         them: one pass reads the weights once (the bench's 8 prompts, fp32, one thread, interleaved
         best of five: GPT-2 small's shape 0.415 s one by one against 0.194 s together, SmolLM2 0.621
-        against 0.225 s). Prompts of very different
-        lengths go in separate passes (:func:`_padding_groups`), so padding never more than doubles
-        the tokens computed."""
+        against 0.225 s). Prompts of very different lengths go in separate passes
+        (:func:`_padding_groups`), so padding never more than doubles the tokens computed."""
         from .engine import left_pad
         from .strategies import forward_step
 
