@@ -1476,11 +1476,12 @@ def _quality_marks(s: Settings) -> tuple[int, ...]:
 
 
 def _quality_config(s: Settings):
-    """The time-to-quality corpus as ``styletune train`` reads it at its default block size (128)."""
+    """The time-to-quality corpus as ``styletune train`` reads it by default (``DataConfig``'s block
+    size, 256). Until 2026-12-07 these rows used block 128, which their docstrings called the default."""
     from styletune.config import DataConfig
 
     train, val, column, _ = s.quality_corpus
-    return DataConfig(sources=[train], val=val, column=column, block_size=128)
+    return DataConfig(sources=[train], val=val, column=column)
 
 
 def _quality_data(s: Settings, tok):
@@ -1542,7 +1543,7 @@ def measure_quality_plain_loop(s: Settings) -> dict:
 
 def measure_quality_styletune(s: Settings, budget: int | None = None) -> dict:
     """Time to quality: ``styletune train --time-budget <longest mark>`` at default settings (LoRA,
-    batch 8, block 128, its evaluations planned to the budget) on the same blocks; the figure at each mark is the
+    batch 8, block 256, its evaluations planned to the budget) on the same blocks; the figure at each mark is the
     best held-out perplexity evaluated by then (what ``best/`` holds). The clock is the run's
     ``elapsed_s``: the wall time a user waits, its own evaluations, samples and checkpoints
     included (the reference's clock counts its training steps only, so this is the stricter one)."""
@@ -2009,8 +2010,9 @@ def settings_rows(s: Settings, results: dict, env: dict) -> list[tuple[str, str]
         ("styletune measured", env["git"]),
         ("model", f"{model_desc}; references load `{s.model_dir}`"),
         ("training corpus", f"pyjokes English 'all' jokes x{s.corpus_repeats} (`{Path(s.corpus_csv).name}`)"),
-        *([("time-to-quality corpus", s.quality_corpus[3])] if any(n.startswith("quality_") for n in results)
-          and s.quality_corpus else []),
+        *([("time-to-quality corpus", f"{s.quality_corpus[3]}; block {_quality_config(s).block_size} x batch 8 "
+                                      "(`styletune train`'s defaults)")]
+          if any(n.startswith("quality_") for n in results) and s.quality_corpus else []),
         ("block size / batch size", f"{s.block_size} (packed) / {s.batch_size}; Trainer reference: records padded to "
                                     f"{s.pad_length}, batch {s.batch_size}"),
         ("training steps", f"{s.warmup_steps} warm-up + {s.timed_steps} timed (plain_loop, styletune_train), "
