@@ -463,6 +463,7 @@ class _Run:
         # The next evaluation: the next multiple of the interval (a plan made again under --time-budget
         # moves it; see ``_replan``).
         self.next_eval = (state.step // self.eval_every + 1) * self.eval_every
+        self.evaluated_at = state.step  # the step of the latest evaluation (or where the run starts)
         self.prompts = cfg.eval_prompts or default_prompts(data, tokenizer)
         which = (f" (top {cfg.train_layers} layers)" if cfg.train_layers else "") + (", compiled" if self.compiled else "")
         where = f"{procs.world} processes on {device.split(':')[0]}" if procs.world > 1 else device
@@ -639,8 +640,10 @@ class _Run:
             # drops evaluations rather than crowd them into the steps left)
             state.eval_every = max(1, round(total / evals))
             if not cfg.eval_every:
+                # counted from the last evaluation, so that plans made between evaluations do not keep
+                # putting the next one off
                 self.eval_every = state.eval_every
-                self.next_eval = state.step + state.eval_every
+                self.next_eval = max(state.step + 1, self.evaluated_at + state.eval_every)
         return state.total_steps
 
     def loop(self, progress: bool, on_step) -> TrainResult:
@@ -714,7 +717,7 @@ class _Run:
                             echo(f"early stop: no better validation loss in {cfg.patience} evaluations")
                             result.stopped_early = True
                         eval_cost = time.perf_counter() - t_eval
-                        self.next_eval = step + self.eval_every
+                        self.next_eval, self.evaluated_at = step + self.eval_every, step
                         if (budget is not None and not last and not result.stopped_early
                                 and len(step_times) - planned_at >= _REPLAN_AT - 1):
                             total = self._replan(step_times[planned_at:], budget, time.perf_counter() - t_start,

@@ -218,7 +218,8 @@ def test_a_client_that_disconnects_frees_its_slot(server, llama_id, monkeypatch)
         return real(*a, **k)
 
     monkeypatch.setattr(scheduler.decoder, "decode", slow)
-    body = {"model": llama_id, "prompt": PROMPTS[0], "max_tokens": 200, "stream": True}
+    # ignore_eos: a sampled end-of-text token (1 in 320 for the tiny model) would end it before the check
+    body = {"model": llama_id, "prompt": PROMPTS[0], "max_tokens": 200, "stream": True, "seed": 0, "ignore_eos": True}
     steps_before = scheduler.steps
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", server.url + "/v1/completions", json=body) as response:

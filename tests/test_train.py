@@ -436,6 +436,30 @@ def test_a_time_budget_with_only_its_last_evaluation_is_planned_again_between_st
     assert [r["step"] for r in rows if "val_loss" in r] == [0, result.steps]  # the baseline and the last only
 
 
+def test_plans_made_between_evaluations_do_not_put_the_next_one_off(tmp_path, tiny_model_dirs, corpus, monkeypatch):
+    """Every plan here moves the step count (100, 120, 100, ... steps: beyond the 5% tolerance), and
+    plans come about every tenth of the run, more often than the six evaluations: the evaluations still
+    come about every sixth of the run, counted from the last one, not from the latest plan."""
+    import itertools
+
+    import styletune.training as T
+
+    counts = itertools.cycle([100, 120])
+    # (budget, steps done, ...) -> the count, at least one more step, as the real function gives
+    monkeypatch.setattr(T, "steps_in_budget", lambda budget, done, *a: max(done + 1, next(counts)))
+    monkeypatch.setattr(T, "planned_evaluations", lambda *a, **k: 6)
+    cfg = config(tmp_path, tiny_model_dirs["llama"], corpus, max_steps=None, time_budget="10m", eval_every=None,
+                 save_every=1000)
+    messages = []
+    result = train(cfg, echo=messages.append)
+    assert len([m for m in messages if m.startswith("time budget 10m: the last")]) >= 8  # planned again, often
+    rows = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["step"] for r in rows if "val_loss" in r]
+    gaps = [b - a for a, b in zip(evals[1:], evals[2:])]
+    assert evals[0] == 0 and evals[-1] == result.steps and 5 <= len(evals) - 1 <= 8, evals
+    assert max(gaps) <= 20, evals  # the longest interval either plan gives (120 / 6)
+
+
 @pytest.mark.parametrize("budget,eval_s,evals", [(600, 37.0, 1), (600, 20.0, 3), (300, 22.0, 1), (600, 1.0, 10),
                                                  (60, 100.0, 1), (None, 37.0, 10)])
 def test_a_time_budget_keeps_its_evaluations_within_a_tenth_of_it(budget, eval_s, evals):
