@@ -694,7 +694,8 @@ class _Run:
                     time_up = (budget is not None and step < total
                                and procs.any(state.elapsed_s + dt + eval_cost >= budget))
                     last = step == total or time_up
-                    if step >= self.next_eval or last:
+                    evaluating = step >= self.next_eval or last
+                    if evaluating:
                         t_eval, evals_made = time.perf_counter(), evals_made + 1
                         val = self.evaluate()
                         if val is not None:
@@ -718,17 +719,14 @@ class _Run:
                             result.stopped_early = True
                         eval_cost = time.perf_counter() - t_eval
                         self.next_eval, self.evaluated_at = step + self.eval_every, step
-                        if (budget is not None and not last and not result.stopped_early
-                                and len(step_times) - planned_at >= _REPLAN_AT - 1):
-                            total = self._replan(step_times[planned_at:], budget, time.perf_counter() - t_start,
-                                                 evals_made, eval_cost, tolerance=_REPLAN_TOLERANCE)
-                            bar.total, planned_at = total, len(step_times)
-                    elif (budget is not None and not last and len(step_times) > _REPLAN_AT
-                          and len(step_times) - planned_at >= max(_REPLAN_AT - 1, total // _EVALUATIONS)):
-                        # and about ten times over the run between evaluations, which a short budget
-                        # makes few (one, the last, in the bench's 5 minutes on the King James Bible)
-                        total = self._replan(step_times[planned_at:], budget, state.elapsed_s, evals_made,
-                                             eval_cost, tolerance=_REPLAN_TOLERANCE)
+                    # Planned again at each evaluation, and about ten times over the run between them
+                    # (a short budget makes few: one, the last, in the bench's 5 minutes on the King
+                    # James Bible), from the steps since the last plan.
+                    since = len(step_times) - planned_at
+                    due = _REPLAN_AT - 1 if evaluating else max(_REPLAN_AT - 1, total // _EVALUATIONS)
+                    if budget is not None and not last and not result.stopped_early and since >= due:
+                        total = self._replan(step_times[planned_at:], budget, time.perf_counter() - t_start,
+                                             evals_made, eval_cost, tolerance=_REPLAN_TOLERANCE)
                         bar.total, planned_at = total, len(step_times)
                     # Every rank stops at the same step: a signal may reach them at different moments.
                     stopping = procs.any(stop.requested is not None)
