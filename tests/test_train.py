@@ -368,10 +368,9 @@ def test_a_time_budget_is_planned_again_from_the_first_steps(tmp_path, tiny_mode
     assert 3 <= len(evals) - 1 <= 6 + 2 and gaps and min(gaps) > 1, (evals, every)
 
 
-def test_a_time_budget_is_planned_again_at_its_evaluations(tmp_path, tiny_model_dirs, corpus, monkeypatch):
-    """Steps that turn faster after the first plans (here: 0.15 s each for the first four, then
-    milliseconds) do not leave the budget unused: the step count is planned again at each evaluation
-    from the steps since the last plan, and the run goes on to about its budget."""
+def _budget_run_with_slow_first_steps(tmp_path, tiny_model_dirs, corpus, monkeypatch, evaluations: int):
+    """A ``--time-budget 4s`` run whose first four steps take 0.15 s each (then milliseconds), with
+    ``evaluations`` planned: (its result, its plan lines, the step counts they planned, metrics rows)."""
     import styletune.training as T
 
     real_step = T._Run.step
@@ -382,18 +381,27 @@ def test_a_time_budget_is_planned_again_at_its_evaluations(tmp_path, tiny_model_
         return real_step(self)
 
     monkeypatch.setattr(T._Run, "step", step)
-    monkeypatch.setattr(T, "planned_evaluations", lambda *a, **k: 4)
+    monkeypatch.setattr(T, "planned_evaluations", lambda *a, **k: evaluations)
     cfg = config(tmp_path, tiny_model_dirs["llama"], corpus, max_steps=None, time_budget="4s", eval_every=None)
     messages = []
     result = train(cfg, echo=messages.append)
     plans = [m for m in messages if m.startswith("time budget 4s: the last")]
+    totals = [int(m.rsplit("-> ", 1)[1].split()[0]) for m in plans]
+    rows = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    return result, plans, totals, rows
+
+
+def test_a_time_budget_is_planned_again_at_its_evaluations(tmp_path, tiny_model_dirs, corpus, monkeypatch):
+    """Steps that turn faster after the first plans (here: 0.15 s each for the first four, then
+    milliseconds) do not leave the budget unused: the step count is planned again at each evaluation
+    from the steps since the last plan, and the run goes on to about its budget."""
+    result, plans, totals, rows = _budget_run_with_slow_first_steps(tmp_path, tiny_model_dirs, corpus, monkeypatch,
+                                                                    evaluations=4)
     assert plans[0].startswith("time budget 4s: the last 2 steps took"), plans  # steps 2 and 3, slow
     assert float(plans[0].split(" took ")[1].split()[0]) >= 0.15
     # planned again after an evaluation, from the fast steps: more steps than the slow ones allowed
-    totals = [int(m.rsplit("-> ", 1)[1].split()[0]) for m in plans]
     assert len(plans) >= 2 and max(totals[1:]) > totals[0], plans
     assert 3.0 < result.elapsed_s < 4.0 + 1.0
-    rows = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
     assert any(r["step"] == result.steps and "val_loss" in r for r in rows)  # the last evaluation
 
 
@@ -414,25 +422,10 @@ def test_a_time_budget_with_only_its_last_evaluation_is_planned_again_between_st
     turn faster after the first plan (0.15 s each for the first four, then milliseconds) are still
     planned again, about ten times over the run: the run goes on to about its budget instead of
     stopping at the count the slow steps allowed."""
-    import styletune.training as T
-
-    real_step = T._Run.step
-
-    def step(self):
-        if self.state.step < 4:
-            time.sleep(0.15)
-        return real_step(self)
-
-    monkeypatch.setattr(T._Run, "step", step)
-    monkeypatch.setattr(T, "planned_evaluations", lambda *a, **k: 1)
-    cfg = config(tmp_path, tiny_model_dirs["llama"], corpus, max_steps=None, time_budget="4s", eval_every=None)
-    messages = []
-    result = train(cfg, echo=messages.append)
-    plans = [m for m in messages if m.startswith("time budget 4s: the last")]
-    totals = [int(m.rsplit("-> ", 1)[1].split()[0]) for m in plans]
+    result, plans, totals, rows = _budget_run_with_slow_first_steps(tmp_path, tiny_model_dirs, corpus, monkeypatch,
+                                                                    evaluations=1)
     assert len(plans) >= 2 and max(totals[1:]) > totals[0], plans
     assert 3.0 < result.elapsed_s < 4.0 + 1.0
-    rows = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "val_loss" in r] == [0, result.steps]  # the baseline and the last only
 
 
