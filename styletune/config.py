@@ -206,8 +206,10 @@ class TrainConfig:
     thread), nothing measurable at 256."""
     lora_targets: list[str] | None = None
     """Module names to adapt; default chosen per architecture."""
-    compile: bool = False
-    """``torch.compile`` each transformer layer for the training steps (evaluation and samples stay eager)."""
+    compile: bool | None = None
+    """``torch.compile`` each transformer layer for the training steps (evaluation and samples stay eager).
+    None (the default): where it was measured to pay, a long enough LoRA run in bf16 on a CPU
+    (``training.compiles_by_default``)."""
     train_layers: int | None = None
     """Train only the top N transformer layers (LoRA or full); backward stops below them.
     Default: every layer."""

@@ -478,6 +478,64 @@ def test_slow_evaluations_in_a_time_budget_are_fewer(tmp_path, tiny_model_dirs, 
     assert evals[0] == 0 and evals[-1] == result.steps and len(evals) <= 3  # the baseline, the last, at most one more
 
 
+@pytest.mark.parametrize("change,compiles", [
+    ({}, True),  # LoRA without dropout, bf16 on a CPU with native bf16, one process, 100,000 tokens
+    ({"tokens": 99_999}, False),  # too short to pay for the compilation
+    ({"amp_dtype": None}, False),  # fp32: the products dominate
+    ({"lora_dropout": 0.05}, False),  # the compiled step was no faster
+    ({"method": "full"}, False),  # not measured
+    ({"device": "cuda"}, False),
+    ({"world": 2}, False),
+    ({"native_bf16": False}, False),  # bf16 emulated
+    ({"compiler": False}, False),  # inductor needs a C++ compiler on a CPU
+    ({"compile": False}, False),  # --no-compile
+    ({"compile": True, "amp_dtype": None, "tokens": 10}, True),  # --compile
+])
+def test_the_layers_are_compiled_by_default_where_it_was_measured_to_pay(monkeypatch, change, compiles):
+    import torch._inductor.cpp_builder as cpp_builder
+
+    import styletune.models
+    from styletune.training import _COMPILE_FROM_TOKENS, compiles_by_default
+
+    args = {"device": "cpu", "amp_dtype": torch.bfloat16, "world": 1, "tokens": _COMPILE_FROM_TOKENS}
+    options = {"method": "lora", "lora_dropout": 0.0, "compile": None}
+    for key, value in change.items():
+        if key in args or key in options:
+            (args if key in args else options)[key] = value
+    monkeypatch.setattr(styletune.models, "cpu_has_bf16", lambda: change.get("native_bf16", True))
+
+    def compiler():
+        if not change.get("compiler", True):
+            raise RuntimeError("no C++ compiler found")
+        return "g++"
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", compiler)
+    assert compiles_by_default(TrainConfig(out="x", **options), **args) is compiles
+
+
+@pytest.mark.parametrize("dtype,compiles", [("bfloat16", True), ("float32", False)])
+def test_a_long_enough_bf16_run_compiles_its_layers_without_being_asked(tmp_path, tiny_model_dirs, corpus,
+                                                                          monkeypatch, dtype, compiles):
+    """The run's planned tokens decide (here every run is long enough), before its first step; the
+    training line says so. Compiling itself is tested against eager training in test_losses."""
+    import styletune.models
+    import styletune.training as T
+
+    monkeypatch.setattr(T, "_COMPILE_FROM_TOKENS", 8 * 4 * 32)  # this run's: 8 steps of 4 blocks of 32 tokens
+    monkeypatch.setattr(styletune.models, "cpu_has_bf16", lambda: True)
+    compiled = []
+    monkeypatch.setattr(T, "compile_layers", lambda model: compiled.append(model) or list(T.layer_stack(model)[1]))
+    cfg = config(tmp_path, tiny_model_dirs["llama"], corpus, dtype=dtype, eval_every=100, save_every=100)
+    lines = []
+    result = train(cfg, echo=lines.append)
+    assert result.steps == 8 and len(compiled) == int(compiles)
+    start = [line for line in lines if line.startswith("training ")]
+    assert len(start) == 1 and start[0].startswith("training lora, compiled on cpu") == compiles, start
+    monkeypatch.setattr(T, "_COMPILE_FROM_TOKENS", 8 * 4 * 32 + 1)  # one token short
+    train(config(tmp_path, tiny_model_dirs["llama"], corpus, dtype=dtype, out=str(tmp_path / "short")))
+    assert len(compiled) == int(compiles)
+
+
 def test_merge_gives_the_same_logits(tmp_path, tiny_model_dirs, corpus):
     from transformers import AutoModelForCausalLM
 
