@@ -320,7 +320,7 @@ def measure_plain_loop_nodrop(s: Settings) -> dict:
     return measure_plain_loop(s, lora_dropout=0.0)
 
 
-def measure_styletune_train(s: Settings, train_layers: int | None = None, compile: bool = False,
+def measure_styletune_train(s: Settings, train_layers: int | None = None, compile: bool | None = None,
                             lora_dropout: float = LOOP_LORA_DROPOUT, dtype: str = "auto") -> dict:
     """styletune's own training loop: ``styletune.train`` (``styletune.training.train``) with LoRA
     on the same jokes, block size, batch size and LoRA dropout as ``plain_loop``.
@@ -329,6 +329,9 @@ def measure_styletune_train(s: Settings, train_layers: int | None = None, compil
     time from ``elapsed_s`` differences (so a step's own overhead counts), over the steps
     after warm-up.  The wall time of the whole ``train()`` call (data preparation, final
     evaluation, sampling, saving) is reported in the notes, outside the figure.
+
+    ``compile``: ``--compile`` (True), ``--no-compile`` (False) or neither (None, the default's
+    choice: these few steps are too short a run for it to compile; the notes say which ran).
     """
     from styletune.config import DataConfig, TrainConfig
 
@@ -342,7 +345,7 @@ def measure_styletune_train(s: Settings, train_layers: int | None = None, compil
         # short end-of-epoch batch.
         data=DataConfig(sources=[s.corpus_csv], column="Joke", block_size=s.block_size, dedupe=False),
         batch_size=s.batch_size, max_steps=steps, eval_every=steps + 1, save_every=steps + 1, dtype=dtype, seed=0,
-        train_layers=train_layers, **({"compile": True} if compile else {}),
+        train_layers=train_layers, **({} if compile is None else {"compile": compile}),
         lora_dropout=lora_dropout,
     )
     lines: list[str] = []
@@ -364,6 +367,7 @@ def measure_styletune_train(s: Settings, train_layers: int | None = None, compil
         "value": tokens / seconds, "unit": "useful tokens/s",
         "timing": f"{s.timed_steps} steps after {s.warmup_steps} warm-up, from metrics.jsonl",
         "notes": f"{'bf16 autocast' if 'bf16' in autocast else 'fp32 (no autocast)'}; "
+                 f"{'compiled' if ', compiled' in autocast else 'eager'}; "
                  f"LoRA dropout {cfg.lora_dropout}; steps {fmt_times([b['elapsed_s'] - a['elapsed_s'] for a, b in timed])}; "
                  f"metrics tokens_per_s {'/'.join(f'{v:.0f}' for v in logged)}; "
                  f"whole train() call {wall:.1f} s for {result.steps} steps; "
@@ -582,6 +586,17 @@ def measure_train_compute_floor_bf16(s: Settings) -> dict:
 def measure_styletune_train_fp32(s: Settings) -> dict:
     """``styletune_train`` with ``--dtype float32`` (no autocast)."""
     return measure_styletune_train(s, dtype="float32")
+
+
+def measure_styletune_train_fp32_nodrop(s: Settings) -> dict:
+    """``styletune_train_nodrop`` with ``--dtype float32``: the default LoRA dropout, no autocast."""
+    return measure_styletune_train(s, dtype="float32", lora_dropout=0.0)
+
+
+def measure_styletune_train_fp32_nodrop_compile(s: Settings) -> dict:
+    """``styletune_train_fp32_nodrop`` with ``--compile``: what compiling buys where the products run
+    in fp32 (the default compiles only bf16 runs)."""
+    return measure_styletune_train(s, dtype="float32", lora_dropout=0.0, compile=True)
 
 
 def measure_styletune_train_bf16(s: Settings) -> dict:
@@ -1555,7 +1570,9 @@ def measure_quality_styletune(s: Settings, budget: int | None = None) -> dict:
     out = Path(s.workdir) / f"quality_run_{budget}"
     cfg = TrainConfig(out=str(out), model=s.styletune_model, data=_quality_config(s),
                       time_budget=f"{budget}s", seed=0)
-    result = train(cfg, overwrite=True, echo=lambda line: None)
+    lines: list[str] = []
+    result = train(cfg, overwrite=True, echo=lines.append)
+    compiled = any(line.startswith("training ") and ", compiled" in line for line in lines)
     rows = read_metrics(out)
     elapsed = {r["step"]: r["elapsed_s"] for r in rows if "loss" in r}
     evals = [(elapsed.get(r["step"], 0.0), r["val_ppl"]) for r in rows if "val_ppl" in r]
@@ -1566,7 +1583,8 @@ def measure_quality_styletune(s: Settings, budget: int | None = None) -> dict:
             at[m] = min(seen)
     return {
         "value": min(p for _, p in evals), "unit": f"best val perplexity of a {budget} s budget",
-        "timing": f"--time-budget {budget}s: {result.steps} steps in {result.elapsed_s:.0f} s (evaluations included)",
+        "timing": f"--time-budget {budget}s: {result.steps} steps in {result.elapsed_s:.0f} s (evaluations included); "
+                  f"{'compiled' if compiled else 'eager'}",
         "notes": "; ".join(f"{m} s: {p:.2f}" for m, p in at.items()) + "; evaluations at "
                  + ", ".join(f"{t:.0f} s ({p:.2f})" for t, p in evals),
         "ppl_at": at, "evals": evals, "budget_s": budget,
@@ -1655,6 +1673,8 @@ MEASUREMENTS = {
     "train_1proc": ("processes", "reference", measure_train_1proc),
     "train_2proc": ("processes", "styletune", measure_train_2proc),
     "styletune_train_fp32": ("dtype", "styletune", measure_styletune_train_fp32),
+    "styletune_train_fp32_nodrop": ("dtype", "styletune", measure_styletune_train_fp32_nodrop),
+    "styletune_train_fp32_nodrop_compile": ("dtype", "styletune", measure_styletune_train_fp32_nodrop_compile),
     "train_compute_floor_fp32": ("dtype", "bound", measure_train_compute_floor_fp32),
     "train_compute_floor_bf16": ("dtype", "bound", measure_train_compute_floor_bf16),
     "styletune_train_bf16": ("dtype", "styletune", measure_styletune_train_bf16),
@@ -1686,6 +1706,11 @@ RATIOS = [
      "--lora-dropout 0 --compile vs the hand-written loop with dropout 0"),
     ("styletune_train_nodrop_compile / plain_loop", "styletune_train_nodrop_compile", "plain_loop",
      "--lora-dropout 0 --compile vs the hand-written loop with dropout 0.05"),
+    ("styletune_train_nodrop_compile / styletune_train_nodrop", "styletune_train_nodrop_compile",
+     "styletune_train_nodrop", "what compiling the layers buys a step at the default flags (a run of "
+     "100,000 tokens or more in bf16 compiles by default)"),
+    ("styletune_train_fp32_nodrop_compile / styletune_train_fp32_nodrop", "styletune_train_fp32_nodrop_compile",
+     "styletune_train_fp32_nodrop", "the same in fp32 (no autocast), which the default does not compile"),
     ("styletune_train_top / plain_loop", "styletune_train_top", "plain_loop",
      "--train-layers (top quarter) vs the hand-written loop training every layer"),
     ("styletune_train_top_compile / plain_loop", "styletune_train_top_compile", "plain_loop",

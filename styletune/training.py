@@ -120,12 +120,16 @@ _COMPILE_FROM_TOKENS = 100_000
 """A run that says neither --compile nor --no-compile compiles its layers from this many training
 tokens on (where :func:`compiles_by_default` allows): about 4 minutes of SmolLM2-135M's eager bf16
 steps on a 2-core AMD EPYC, of which compiling saves ~40 s for a first compilation of ~17 s."""
+_COMPILE_FROM_BUDGET_S = 240
+"""... and, under --time-budget, from a budget this long: a shorter one leaves too little time to pay
+the compilation back (the demo's 3 minutes, which plan about 100,000 tokens of jokes, stay eager)."""
 
 
 def compiles_by_default(cfg: TrainConfig, device: str, amp_dtype, world: int, tokens: int) -> bool:
     """Whether the layers are compiled for training: ``--compile`` or ``--no-compile`` where given;
     else where it was measured to pay: LoRA without dropout, bf16 autocast on a CPU with native bf16,
-    one process, at least ``_COMPILE_FROM_TOKENS`` tokens to train, and a C++ compiler for inductor.
+    one process, at least ``_COMPILE_FROM_TOKENS`` tokens to train (and a ``--time-budget``, if any, of
+    ``_COMPILE_FROM_BUDGET_S`` or more), and a C++ compiler for inductor.
 
     Measured in ``make bench`` (SmolLM2-135M, block 256 x batch 8, one thread, a 2-core AMD EPYC
     with avx512_bf16; bench/results/2026-12-07-vm-train-compile-auto.md): compiled steps ran 517
@@ -141,7 +145,8 @@ def compiles_by_default(cfg: TrainConfig, device: str, amp_dtype, world: int, to
     from .models import cpu_has_bf16
 
     if not (cfg.method == "lora" and cfg.lora_dropout == 0 and amp_dtype == torch.bfloat16 and device == "cpu"
-            and cpu_has_bf16() and world == 1 and tokens >= _COMPILE_FROM_TOKENS):
+            and cpu_has_bf16() and world == 1 and tokens >= _COMPILE_FROM_TOKENS
+            and (not cfg.time_budget or parse_duration(cfg.time_budget) >= _COMPILE_FROM_BUDGET_S)):
         return False
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler

@@ -481,6 +481,8 @@ def test_slow_evaluations_in_a_time_budget_are_fewer(tmp_path, tiny_model_dirs, 
 @pytest.mark.parametrize("change,compiles", [
     ({}, True),  # LoRA without dropout, bf16 on a CPU with native bf16, one process, 100,000 tokens
     ({"tokens": 99_999}, False),  # too short to pay for the compilation
+    ({"time_budget": "4m"}, True),
+    ({"time_budget": "3m59s"}, False),  # too short a budget, however many tokens it planned
     ({"amp_dtype": None}, False),  # fp32: the products dominate
     ({"lora_dropout": 0.05}, False),  # the compiled step was no faster
     ({"method": "full"}, False),  # not measured
@@ -498,7 +500,7 @@ def test_the_layers_are_compiled_by_default_where_it_was_measured_to_pay(monkeyp
     from styletune.training import _COMPILE_FROM_TOKENS, compiles_by_default
 
     args = {"device": "cpu", "amp_dtype": torch.bfloat16, "world": 1, "tokens": _COMPILE_FROM_TOKENS}
-    options = {"method": "lora", "lora_dropout": 0.0, "compile": None}
+    options = {"method": "lora", "lora_dropout": 0.0, "compile": None, "time_budget": None}
     for key, value in change.items():
         if key in args or key in options:
             (args if key in args else options)[key] = value
