@@ -132,14 +132,16 @@ def compiles_by_default(cfg: TrainConfig, device: str, amp_dtype, world: int, to
     ``_COMPILE_FROM_BUDGET_S`` or more), and a C++ compiler for inductor.
 
     Measured in ``make bench`` (SmolLM2-135M, block 256 x batch 8, one thread, a 2-core AMD EPYC
-    with avx512_bf16; bench/results/2026-12-07-vm-train-compile-auto.md): compiled steps ran 517
-    tokens/s against 426 eager, at 3.6 GB peak memory against 5.0 (the bf16 compute floor there was
-    541). The first step pays the compilation, ~17 s (~3 s when torch's on-disk cache already has
-    it): too much for a short run, so a run's length decides, in tokens (the same choice on every
-    run of a config, and on its resumption, which continues with the same arithmetic). Not where it
-    did not pay: with LoRA dropout 0.05 the compiled step was no faster (420 against 413 tokens/s),
-    and in fp32 the products dominate (13.9 against 14.2 s a step). Full fine-tuning, GPUs and
-    several processes were not measured."""
+    with avx512_bf16; bench/results/2026-12-07-vm-train-compile-auto.md): compiled steps ran 516
+    tokens/s against 435 eager (1.18x), at 3.6 GB peak memory against 5.0; a bf16 compute floor of
+    541 was measured there earlier. The first step pays the compilation, ~17 s (~3 s when torch's
+    on-disk cache already has it): too much for a short run, so the run's length decides, in tokens
+    (the same choice on every run of a config, and on its resumption, which so continues with the
+    same arithmetic). Not where it did not pay: in fp32 the products dominate (148 against 145
+    tokens/s, the same report); with LoRA dropout 0.05 the gain was unsteady (best of two rounds
+    1.13x, but the rounds crossed: eager 328 and 401 tokens/s, compiled 454 and 355;
+    bench/results/2026-12-07-vm-train-compile-dropout.md). Full fine-tuning, GPUs and several
+    processes were not measured."""
     if cfg.compile is not None:
         return cfg.compile
     from .models import cpu_has_bf16
