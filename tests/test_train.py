@@ -147,6 +147,25 @@ def test_resume_gives_the_same_losses(tmp_path, tiny_model_dirs, corpus, method,
     assert evals(broken.out) == evals(straight.out)
 
 
+def test_a_compiled_run_resumes_with_the_same_losses(tmp_path, tiny_model_dirs, corpus, train_dtype):
+    """A run whose layers are compiled (as a long bf16 run's are by default) compiles them again when
+    resumed: bitwise the losses of the run left alone."""
+    runs = {}
+    for name, stop in (("straight", None), ("broken", 5)):
+        cfg = config(tmp_path / name, tiny_model_dirs["llama"], corpus, save_every=100, dtype=train_dtype,
+                     compile=True)
+        lines = []
+        first = train(cfg, echo=lines.append, on_step=stop and interrupt_at(stop))
+        if stop:
+            assert first.interrupted and first.steps == stop
+            train(cfg, resume=True, echo=lines.append)
+        starts = [line for line in lines if line.startswith("training ")]
+        assert len(starts) == (2 if stop else 1) and all(s.startswith("training lora, compiled") for s in starts), lines
+        assert not [line for line in lines if "torch.compile failed" in line], lines
+        runs[name] = losses(cfg.out)
+    assert len(runs["broken"]) == 8 and runs["broken"] == runs["straight"]
+
+
 def test_resume_keeps_the_peak_learning_rate_the_run_started_with(tmp_path, tiny_model_dirs, corpus):
     """The default peak is recorded in the checkpoints: a run resumes on its own schedule, and one whose
     checkpoint predates the record (LoRA's default was then 1e-3) continues at that default, not today's."""
