@@ -119,7 +119,8 @@ def compile_layers(model) -> list[torch.nn.Module]:
 _COMPILE_FROM_TOKENS = 100_000
 """A run that says neither --compile nor --no-compile compiles its layers from this many training
 tokens on (where :func:`compiles_by_default` allows): about 4 minutes of SmolLM2-135M's eager bf16
-steps on a 2-core AMD EPYC, of which compiling saves ~40 s for a first compilation of ~17 s."""
+steps on a 2-core AMD EPYC (435 tokens/s, one thread), of which compiling saves ~35 s for a first
+compilation of ~17 s."""
 _COMPILE_FROM_BUDGET_S = 240
 """... and, under --time-budget, from a budget this long: a shorter one leaves too little time to pay
 the compilation back (the demo's 3 minutes, which plan about 100,000 tokens of jokes, stay eager)."""
@@ -136,10 +137,11 @@ def compiles_by_default(cfg: TrainConfig, device: str, amp_dtype, world: int, to
     tokens/s against 435 eager (1.18x), at 3.6 GB peak memory against 5.0; a bf16 compute floor of
     541 was measured there earlier. The first step pays the compilation, ~17 s (~3 s when torch's
     on-disk cache already has it): too much for a short run, so the run's length decides, in tokens
-    (the same choice on every run of a config, and on its resumption, which so continues with the
-    same arithmetic). Not where it did not pay: in fp32 the products dominate (148 against 145
-    tokens/s, the same report); with LoRA dropout 0.05 the gain was unsteady (best of two rounds
-    1.13x, but the rounds crossed: eager 328 and 401 tokens/s, compiled 454 and 355;
+    (for a run of set length, --max-steps or --epochs, the same choice on every run of a config and
+    on its resumption, which so continues with the same arithmetic; under --time-budget the tokens
+    are as planned from the timed pass). Not where it did not pay: in fp32 the products dominate
+    (148 against 145 tokens/s, the same report); with LoRA dropout 0.05 the gain was unsteady (best
+    of two rounds 1.13x, but the rounds crossed: eager 328 and 401 tokens/s, compiled 454 and 355;
     bench/results/2026-12-07-vm-train-compile-dropout.md). Full fine-tuning, GPUs, several processes
     and an AMX CPU were not measured."""
     if cfg.compile is not None:
