@@ -142,8 +142,9 @@ def compiles_by_default(cfg: TrainConfig, device: str, amp_dtype, world: int, to
     are as planned from the timed pass). Not where it did not pay: in fp32 the products dominate
     (148 against 145 tokens/s, the same report); with LoRA dropout 0.05 the gain was unsteady (best
     of two rounds 1.13x, but the rounds crossed: eager 328 and 401 tokens/s, compiled 454 and 355;
-    bench/results/2026-12-07-vm-train-compile-dropout.md). Full fine-tuning, GPUs, several processes
-    and an AMX CPU were not measured."""
+    bench/results/2026-12-07-vm-train-compile-dropout.md). Full fine-tuning gained less (1.09x: a
+    median 5.87 s a step compiled against 6.36 and 6.43 eager in alternating scratch runs of 8 steps,
+    one thread), so it stays eager too. GPUs, several processes and an AMX CPU were not measured."""
     if cfg.compile is not None:
         return cfg.compile
     from .models import cpu_has_bf16
