@@ -417,7 +417,8 @@ DATA_OPTIONS = ("column", "field", "split", "val_fraction", "val", "block_size",
 @click.option("--lora-dropout", type=float, help="LoRA dropout [default: 0].")
 @click.option("--compile/--no-compile", default=None, help="torch.compile the transformer layers for "
               "training (a one-off compilation of ~20 s; evaluation stays eager) [default: on for LoRA runs "
-              "without dropout of 100,000 tokens or more in bf16 on a CPU, where it was measured to pay].")
+              "without dropout of 100,000 tokens or more in bf16 on a CPU, and under --time-budget from 4 "
+              "minutes, where it was measured to pay].")
 @click.option("--train-layers", type=int, help="Train only the top N transformer layers; faster, since "
               "backward stops below them [default: all].")
 @click.option("--seed", type=int, help="Seed for the split, data order and dropout [default: 0].")
