@@ -539,11 +539,14 @@ def test_a_long_enough_bf16_run_compiles_its_layers_without_being_asked(tmp_path
                                                                           monkeypatch, dtype, compiles):
     """The run's planned tokens decide (here every run is long enough), before its first step; the
     training line says so. Compiling itself is tested against eager training in test_losses."""
+    import torch._inductor.cpp_builder as cpp_builder
+
     import styletune.models
     import styletune.training as T
 
     monkeypatch.setattr(T, "_COMPILE_FROM_TOKENS", 8 * 4 * 32)  # this run's: 8 steps of 4 blocks of 32 tokens
-    monkeypatch.setattr(styletune.models, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(styletune.models, "cpu_has_bf16", lambda: True)  # whatever this CPU is
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: "g++")  # and whatever it has installed
     compiled = []
     monkeypatch.setattr(T, "compile_layers", lambda model: compiled.append(model) or list(T.layer_stack(model)[1]))
     cfg = config(tmp_path, tiny_model_dirs["llama"], corpus, dtype=dtype, eval_every=100, save_every=100)
