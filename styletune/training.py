@@ -127,8 +127,8 @@ the compilation back (the demo's 3 minutes, which plan about 100,000 tokens of j
 
 
 def compiles_by_default(cfg: TrainConfig, device: str, amp_dtype, world: int, tokens: int) -> bool:
-    """Whether the layers are compiled for training: ``--compile`` or ``--no-compile`` where given;
-    else where it was measured to pay: LoRA without dropout, bf16 autocast on a CPU with native bf16,
+    """Whether a run that says neither --compile nor --no-compile compiles its layers for training:
+    where it was measured to pay, LoRA without dropout, bf16 autocast on a CPU with native bf16,
     one process, at least ``_COMPILE_FROM_TOKENS`` tokens to train (and a ``--time-budget``, if any, of
     ``_COMPILE_FROM_BUDGET_S`` or more), and a C++ compiler for inductor.
 
@@ -145,8 +145,6 @@ def compiles_by_default(cfg: TrainConfig, device: str, amp_dtype, world: int, to
     bench/results/2026-12-07-vm-train-compile-dropout.md). Full fine-tuning gained less (1.09x: a
     median 5.87 s a step compiled against 6.36 and 6.43 eager in alternating scratch runs of 8 steps,
     one thread), so it stays eager too. GPUs, several processes and an AMX CPU were not measured."""
-    if cfg.compile is not None:
-        return cfg.compile
     from .models import cpu_has_bf16
 
     if not (cfg.method == "lora" and cfg.lora_dropout == 0 and amp_dtype == torch.bfloat16 and device == "cpu"

@@ -509,8 +509,6 @@ def test_slow_evaluations_in_a_time_budget_are_fewer(tmp_path, tiny_model_dirs, 
     ({"world": 2}, False),
     ({"native_bf16": False}, False),  # bf16 emulated
     ({"compiler": False}, False),  # inductor needs a C++ compiler on a CPU
-    ({"compile": False}, False),  # --no-compile
-    ({"compile": True, "amp_dtype": None, "tokens": 10}, True),  # --compile
 ])
 def test_the_layers_are_compiled_by_default_where_it_was_measured_to_pay(monkeypatch, change, compiles):
     import torch._inductor.cpp_builder as cpp_builder
@@ -519,7 +517,7 @@ def test_the_layers_are_compiled_by_default_where_it_was_measured_to_pay(monkeyp
     from styletune.training import _COMPILE_FROM_TOKENS, compiles_by_default
 
     args = {"device": "cpu", "amp_dtype": torch.bfloat16, "world": 1, "tokens": _COMPILE_FROM_TOKENS}
-    options = {"method": "lora", "lora_dropout": 0.0, "compile": None, "time_budget": None}
+    options = {"method": "lora", "lora_dropout": 0.0, "time_budget": None}
     for key, value in change.items():
         if key in args or key in options:
             (args if key in args else options)[key] = value
@@ -538,7 +536,8 @@ def test_the_layers_are_compiled_by_default_where_it_was_measured_to_pay(monkeyp
 def test_a_long_enough_bf16_run_compiles_its_layers_without_being_asked(tmp_path, tiny_model_dirs, corpus,
                                                                           monkeypatch, dtype, compiles):
     """The run's planned tokens decide (here every run is long enough), before its first step; the
-    training line says so. Compiling itself is tested against eager training in test_losses."""
+    training line says so; --no-compile keeps it eager. Compiling itself (and --compile) is tested
+    against eager training in test_losses."""
     import torch._inductor.cpp_builder as cpp_builder
 
     import styletune.models
@@ -557,6 +556,9 @@ def test_a_long_enough_bf16_run_compiles_its_layers_without_being_asked(tmp_path
     assert len(start) == 1 and start[0].startswith("training lora, compiled on cpu") == compiles, start
     monkeypatch.setattr(T, "_COMPILE_FROM_TOKENS", 8 * 4 * 32 + 1)  # one token short
     train(config(tmp_path, tiny_model_dirs["llama"], corpus, dtype=dtype, out=str(tmp_path / "short")))
+    assert len(compiled) == int(compiles)
+    monkeypatch.setattr(T, "_COMPILE_FROM_TOKENS", 8 * 4 * 32)  # long enough again, but --no-compile
+    train(config(tmp_path, tiny_model_dirs["llama"], corpus, dtype=dtype, out=str(tmp_path / "no"), compile=False))
     assert len(compiled) == int(compiles)
 
 
