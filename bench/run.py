@@ -517,9 +517,10 @@ def _hf_generate(s: Settings, prompts: list[str], static_compile: bool = False, 
 
 
 def _styletune_generate(s: Settings, prompts: list[str], quantize: str | None = None, compile: bool = False,
-                        dtype: str = "auto", model: str | None = None) -> dict:
+                        dtype: str = "auto", model: str | None = None, kernels: bool = False) -> dict:
     """styletune's ``generate``, greedy, ``stop_at_eos=False`` so every row makes ``new_tokens`` tokens,
-    on ``model`` (default: the bench model)."""
+    on ``model`` (default: the bench model). ``kernels``: the notes say what ``--quantize auto`` read the
+    matrices as (:func:`_projection_kinds`)."""
     from styletune.config import DecodingConfig
     from styletune.decoding.engine import generate
     from styletune.models import load_model
@@ -547,7 +548,8 @@ def _styletune_generate(s: Settings, prompts: list[str], quantize: str | None = 
         "value": len(prompts) * s.new_tokens / best, "unit": "tokens/s",
         "timing": f"1 warm-up call ({s.warmup_new_tokens} tokens), best of {s.repeats}",
         "notes": f"{dtype}, batch {len(prompts)}, decode step: {path}, times {fmt_times(times)}"
-                 + (f"; warm-up call incl. compilation {warmup_s:.1f} s" if compile else ""),
+                 + (f"; warm-up call incl. compilation {warmup_s:.1f} s" if compile else "")
+                 + (f"; {_projection_kinds(lm)}" if kernels else ""),
         "dtype": dtype, "token_ids": samples[0].token_ids, "eos_id": lm.eos_token_id, "seconds": best,
     }
 
@@ -727,7 +729,9 @@ def measure_quant_quality(s: Settings, model: str | None = None) -> dict:
 
 
 def measure_quant_quality_tuned(s: Settings) -> dict:
-    """``quant_quality`` on the tuned run (its merged LoRA weights are off the 4-bit grid)."""
+    """``quant_quality`` on the tuned run: its merged LoRA weights are off the 4-bit grid; ``auto`` reads
+    them as the base in int4 plus the update in low rank, ``int4`` too, the other formats the merged
+    weights."""
     if s.gguf is None:
         return {"skipped": f"no tuned run for --model {s.model}"}
     return measure_quant_quality(s, model=str(_tuned_run(s)))
@@ -886,11 +890,23 @@ def _tuned_run(s: Settings) -> Path:
 
 
 def measure_styletune_tuned_b1(s: Settings) -> dict:
-    """styletune's own batch-1 greedy decoding of a tuned run, default flags (``--quantize auto``:
-    a merged LoRA is off the 4-bit grid, so int8)."""
+    """styletune's own batch-1 greedy decoding of a tuned run, default flags (``--quantize auto``: each
+    matrix a LoRA adapted is read as its base, on the 4-bit grid, in int4, plus the update in low rank)."""
     if s.gguf is None:
         return {"skipped": f"no GGUF export row for --model {s.model}"}
-    return _styletune_generate(s, [PROMPT], model=str(_tuned_run(s)), quantize="auto")
+    return _styletune_generate(s, [PROMPT], model=str(_tuned_run(s)), quantize="auto", kernels=True)
+
+
+def _projection_kinds(lm) -> str:
+    """What the decode step of ``lm`` (``--quantize auto``) read its matrices as: the kernels' classes."""
+    import torch
+
+    from styletune.decoding import fast
+
+    layers, head = fast._weights(lm.model, fast.auto_format())  # the copies generate made (cached)
+    kinds = sorted({type(p).__name__.lstrip("_") for L in layers for p in L.values()
+                    if not isinstance(p, (torch.Tensor, tuple))})
+    return f"layers {', '.join(kinds)}; head {type(head).__name__.lstrip('_')}"
 
 
 def measure_llamacpp_tuned_q8_0_b1(s: Settings) -> dict:

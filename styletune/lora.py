@@ -24,6 +24,11 @@ The weights stay peft's modules and parameters, so saving and loading are
 unchanged. Layers in any other state (adapters disabled or merged, several
 active adapters, DoRA and other variants, mixed-batch ``adapter_names``, a LoRA
 bias) go through peft's own forward.
+
+For inference, :func:`merge_keeping_updates` merges the adapters as peft does and
+keeps each merged layer's update in its low-rank form beside it, for the decode
+step (:mod:`styletune.decoding.fast`) to read the base weights in a compact
+format that only they fit.
 """
 
 from __future__ import annotations
@@ -155,3 +160,34 @@ def lean_lora(model) -> int:
             module.forward = types.MethodType(_lean_forward, module)
             count += 1
     return count
+
+
+# The attribute :func:`merge_keeping_updates` sets on each layer it merged an update into:
+# ``(a, b)``, ``a`` (r, in) and ``b`` (out, r) with LoRA's scaling folded in, so that the layer's
+# weight, as an (out, in) matrix, is its base weight plus ``b @ a``.
+LOW_RANK_UPDATE = "styletune_low_rank_update"
+
+
+def merge_keeping_updates(model):
+    """peft's ``merge_and_unload`` (the plain model, every adapter merged into its base layer), with
+    the update merged into each plain LoRA layer (those :func:`lean_lora` takes) kept on the merged
+    layer as :data:`LOW_RANK_UPDATE`.
+
+    The merged weights are what every forward uses. The update is for the decode step: a base
+    dequantised from a 4-bit GGUF (the bundled SmolLM2) is on a 4-bit grid that the merged weights
+    are off, and the step reads such a layer as its base in int4, losslessly, plus the update in low
+    rank (:func:`styletune.decoding.fast._splitting_low_rank`). It costs r x (in + out) numbers a layer.
+    """
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    updates = []
+    for module in model.modules():
+        if type(module) is LoraLinear and _is_vanilla(module, (), {}):
+            adapter = module.active_adapters[0]
+            a = module.lora_A[adapter].weight.detach()
+            b = module.lora_B[adapter].weight.detach() * module.scaling[adapter]
+            updates.append((module.get_base_layer(), (a, b)))
+    merged = model.merge_and_unload()
+    for layer, update in updates:
+        setattr(layer, LOW_RANK_UPDATE, update)
+    return merged

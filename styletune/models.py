@@ -371,7 +371,8 @@ def load_run_model(path: Path, torch_dtype, merge: bool = True):
     """(model, tokenizer, base model name) for a run or weights directory (see :mod:`styletune.runs`).
 
     LoRA adapters are merged into the base weights by default, so generation runs
-    at the plain model's speed.
+    at the plain model's speed (each merged layer keeps its update in low rank beside it:
+    :func:`styletune.lora.merge_keeping_updates`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -398,7 +399,9 @@ def load_run_model(path: Path, torch_dtype, merge: bool = True):
         raise StyletuneError(f"the adapter in {wdir} does not fit its base model {info['base_model']} "
                              f"({str(exc).strip().splitlines()[-1].strip()[:200]})") from None
     if merge:
-        model = model.merge_and_unload()
+        from .lora import merge_keeping_updates
+
+        model = merge_keeping_updates(model)
     return model, tokenizer, info["base_model"]
 
 

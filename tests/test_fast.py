@@ -373,19 +373,24 @@ def test_slots_that_are_not_consecutive_copy_only_their_filled_positions(llama):
 def _on_q4_1_grid(model):
     """The model with every matrix the decode step quantises snapped to a Q4_1-like grid: per group of
     32 inputs, 16 evenly spaced values from the group's minimum, step and minimum rounded to fp16 as a
-    GGUF stores them (what the bundled SmolLM2, dequantised from Q4_1, looks like)."""
+    GGUF stores them (what the bundled SmolLM2, dequantised from Q4_1, looks like). GPT-2's Conv1D
+    weights are (in, out): their groups run down the columns."""
     import copy
 
+    from transformers.pytorch_utils import Conv1D
+
     model = copy.deepcopy(model)
+    conv1d = {id(m.weight) for m in model.modules() if isinstance(m, Conv1D)}
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() != 2 or p.shape[1] % fast.INT4_GROUP:
+            w = p.t() if id(p) in conv1d else p  # (out, in)
+            if p.dim() != 2 or w.shape[1] % fast.INT4_GROUP:
                 continue
-            g = p.reshape(p.shape[0], -1, fast.INT4_GROUP)
+            g = w.reshape(w.shape[0], -1, fast.INT4_GROUP)
             lo = g.amin(-1, keepdim=True).half().float()
             step = ((g.amax(-1, keepdim=True) - lo) / 15).half().float().clamp(min=1e-6)  # (an all-zero row)
             q = torch.round((g - lo) / step).clamp(0, 15)
-            p.copy_((q * step + lo).reshape(p.shape))
+            w.copy_((q * step + lo).reshape(w.shape))
     return model
 
 
@@ -479,3 +484,96 @@ def test_a_compiled_decoder_from_an_empty_cache(llama):
         mask = torch.ones(1, n, dtype=torch.long)
         got, ref = compiled_dec.step(torch.tensor([[token]]), mask), eager_dec.step(torch.tensor([[token]]), mask)
         assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.fixture(scope="module")
+def grid_lora_runs(tmp_path_factory, train_model_dirs, tokenizer):
+    """A LoRA run over a tiny Llama and over a tiny GPT-2 whose weights are on the 4-bit grid (as the
+    bundled SmolLM2's are), trained so that every adapted matrix's update is not zero."""
+    from styletune.config import DataConfig, TrainConfig
+    from styletune.training import train
+
+    root = tmp_path_factory.mktemp("grid_runs")
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n".join(["The raven sat upon the bust of Pallas above my chamber door."] * 12))
+    runs = {}
+    for family in ("llama", "gpt2"):
+        base = root / f"base-{family}"
+        lm = load_model(str(train_model_dirs[family]), device="cpu", dtype="float32")
+        _on_q4_1_grid(lm.model).save_pretrained(base)
+        tokenizer.save_pretrained(base)
+        runs[family] = root / family
+        train(TrainConfig(out=str(runs[family]), model=str(base), lr=2e-2, max_steps=3, batch_size=2,
+                          data=DataConfig(sources=[str(corpus)], block_size=16, val_fraction=0.2),
+                          save_every=100, eval_max_new_tokens=2, device="cpu", dtype="float32"))
+    return runs
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_lora_run_over_a_4bit_base_decodes_the_base_in_int4(grid_lora_runs, family, monkeypatch):
+    """A LoRA run's merged weights are off the 4-bit grid that its base is on. ``--quantize auto`` reads
+    every adapted matrix as the base in int4 plus the update in low rank: logits as close to the
+    merged model's as the base model's own int4 decoding is to it, where int4 of the merged weights
+    is several times further off; and the same greedy text as exact decoding."""
+    import dataclasses
+
+    from styletune.lora import LOW_RANK_UPDATE
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    lm = load_model(str(grid_lora_runs[family]), device="cpu", dtype="float32")
+    merged = [m for m in lm.model.modules() if hasattr(m, LOW_RANK_UPDATE)]
+    assert len(merged) == (14 if family == "llama" else 8)  # every projection of both layers
+    assert not any(fast.on_int4_grid(m.weight) for m in merged)  # the merged weights: off the grid
+    assert all(float(getattr(m, LOW_RANK_UPDATE)[1].abs().max()) > 0 for m in merged)  # trained updates
+
+    ids = lm.tokenizer(PROMPTS[1], return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = lm.model(ids).logits[0, -1]
+
+    def worst(quantize):
+        fast._DERIVED.pop(lm.model, None)
+        dec = fast.SlotDecoder(lm.model, slots=1, max_len=ids.shape[1] + 1, quantize=quantize)
+        dec.prefill(0, ids[0, :-1].tolist())
+        got = dec.decode([0], [int(ids[0, -1])])[0]
+        return float((got - ref).abs().max() / ref.abs().max()), dec
+
+    split, dec = worst("auto")
+    assert dec.quantize == "int4-fp16"
+    layers = [p for L in dec.layers for p in L.values() if not isinstance(p, (torch.Tensor, tuple))]
+    assert layers and all(isinstance(p, fast._Int4LowRank) for p in layers)
+    split_int4, dec = worst("int4")
+    assert all(isinstance(p, fast._Int4LowRank) for L in dec.layers for p in L.values()
+               if not isinstance(p, (torch.Tensor, tuple)))  # int4 of the base here too: nothing lost
+    assert split_int4 == split
+    splitting = fast._splitting_low_rank
+    with pytest.MonkeyPatch.context() as mp:  # int4 of the merged weights
+        mp.setattr(fast, "_splitting_low_rank", lambda Proj, split: splitting(Proj, False))
+        lossy, dec = worst("int4")
+    assert type(dec.layers[0]["qkv"]) is fast._Int4Linear
+    assert split < 1e-2 and split * 3 < lossy, (split, lossy)
+
+    fast._DERIVED.pop(lm.model, None)
+    cfg = DecodingConfig(greedy=True, max_new_tokens=12, stop_at_eos=False)
+    texts = {q: [s.token_ids for s in generate(dataclasses.replace(lm, quantize=q), PROMPTS, cfg)]
+             for q in (None, "auto")}
+    assert texts["auto"] == texts[None]
+
+
+def test_a_stale_low_rank_update_is_not_used(grid_lora_runs, monkeypatch):
+    """The int4 base is the weights minus the update kept beside them, taken only where that lands on
+    the grid: weights changed after the merge (so that they no longer are base + update) are read
+    as they are, in fp16, and decode as the changed model does."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    lm = load_model(str(grid_lora_runs["llama"]), device="cpu", dtype="float32")
+    attn = lm.model.model.layers[0].self_attn
+    with torch.no_grad():
+        attn.q_proj.weight.mul_(1.5)
+    dec = fast.SlotDecoder(lm.model, slots=1, max_len=8, quantize="auto")
+    assert isinstance(dec.layers[0]["qkv"], fast._Fp16Linear)  # q, k and v are one matrix: fp16 together
+    assert isinstance(dec.layers[0]["o"], fast._Int4LowRank) and isinstance(dec.layers[1]["qkv"], fast._Int4LowRank)
+    ids = [5, 6, 7, 8]
+    dec.prefill(0, ids[:-1])
+    got = dec.decode([0], [ids[-1]])[0]
+    with torch.no_grad():
+        ref = lm.model(torch.tensor([ids])).logits[0, -1]
+    assert (got - ref).abs().max() <= 1e-2 * ref.abs().max()

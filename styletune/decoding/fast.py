@@ -198,6 +198,68 @@ class _Int4Linear:
         return y if self.bias is None else y + self.bias
 
 
+class _Int4LowRank(_Int4Linear):
+    """A tuned layer whose base weights are on the 4-bit grid: the base through the int4 kernel
+    (nothing lost but float rounding), plus the LoRA update merged into the layer, in its low-rank
+    form, in the model's dtype: ``y = base(x) + (x @ a.T) @ b.T``, the merged layer's product.
+
+    A LoRA run of the bundled SmolLM2 has merged weights off the grid, so ``--quantize auto`` would
+    read them in fp16, at twice int4's bytes; this reads the base in int4 and two products of rank r.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, groups, a: torch.Tensor, b: torch.Tensor):
+        super().__init__(weight, bias, groups)
+        self.a_t = a.detach().t().to(weight.dtype).contiguous()  # (in, r)
+        self.b_t = b.detach().t().to(weight.dtype).contiguous()  # (r, out)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.weight, INT4_GROUP, self.scale_zero)
+        if y.shape[-1] != self.rows:
+            y = y[:, :self.rows]
+        # (in place into the kernel's output, or its copy in the model's dtype)
+        y = _cast(y, self.a_t.dtype).addmm_(torch.mm(_cast(x, self.a_t.dtype), self.a_t), self.b_t)
+        return y if self.bias is None else y + self.bias
+
+
+def _splitting_low_rank(Proj, split: bool):  # noqa: N803 - a constructor, as the step's others
+    """``Proj`` taking the low-rank update merged into a weight (``low_rank=(a, b)``, see
+    :func:`_low_rank`). Where ``split`` (a format with int4 for matrices on the 4-bit grid) and the
+    weight minus the update is on the grid, the projection is :class:`_Int4LowRank`; any other is
+    ``Proj`` of the weight as it is."""
+    def make(weight: torch.Tensor, bias: torch.Tensor | None = None, low_rank=None):
+        if split and low_rank is not None:
+            a, b = low_rank
+            base = weight.detach().float() - b.float() @ a.float()
+            groups = _grid_groups(base)
+            if groups is not None:
+                return _Int4LowRank(weight, bias, groups, a, b)
+        return Proj(weight, bias)
+    return make
+
+
+def _low_rank(modules):
+    """The LoRA updates merged into ``modules`` (:data:`styletune.lora.LOW_RANK_UPDATE`), joined as
+    the update of their weights concatenated along the outputs, as the step fuses them: ``(a, b)``
+    with ``b @ a`` that update ((out, in), zero for a module without one), or None where none has one."""
+    from ..lora import LOW_RANK_UPDATE
+
+    updates = [getattr(m, LOW_RANK_UPDATE, None) for m in modules]
+    if all(u is None for u in updates):
+        return None
+    # outputs per module: nn.Linear's weight is (out, in), GPT-2's Conv1D's (in, out)
+    outs = [m.weight.shape[0] if isinstance(m, torch.nn.Linear) else m.weight.shape[1] for m in modules]
+    a = torch.cat([u[0].float() for u in updates if u is not None])
+    b = a.new_zeros(sum(outs), a.shape[0])
+    row = col = 0
+    for u, n in zip(updates, outs):
+        if u is not None:
+            r = u[0].shape[0]
+            b[row:row + n, col:col + r] = u[1]
+            col += r
+        row += n
+    return a, b
+
+
 def _int4(weight: torch.Tensor, bias: torch.Tensor | None = None):
     """``--quantize int4``: int4 where the kernel takes the matrix, else int8."""
     return (_Int4Linear if int4_fits(weight) else _Int8Linear)(weight, bias)
@@ -378,6 +440,9 @@ def _derived_weights(model, quantize: str | None, rows: int, pack: bool):
     else:
         def Proj(w, bias=None):  # noqa: N802 - a constructor like the others
             return _PackedDense(w, rows, bias)
+    # A layer tuned by LoRA (its update merged, kept in low rank) over a base on the 4-bit grid: the
+    # formats that store such matrices in int4 take the base in int4 and the update as it is.
+    Proj = _splitting_low_rank(Proj, split=quantize in _GRID_FORMATS)  # noqa: N806
     # int8 copies fuse the projections that read the same input into one matrix each
     layers = _family(model).weights(model, Proj, fused=bool(quantize))
     # the compiled step's auto: the head as auto stores it eagerly (fp16 off the 4-bit grid, run after the package)
@@ -395,6 +460,9 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# Formats that store a matrix on the 4-bit grid in int4 (``--quantize int4`` any matrix).
+_GRID_FORMATS = ("int4", "int4-grid", "int4-fp16", "int4-grid-fp16-head")
+
 # The arithmetic of one layer, per architecture. Each class reads its config and the tensors that
 # are not projections (norms, embeddings, position tables) once per decoder, and gives the decoder:
 # ``n_heads``, ``n_kv``, ``head_dim``, ``scales`` (the attention scale of each layer, or None where ``qkv``
@@ -428,10 +496,11 @@ class _Llama:
             a, m = layer.self_attn, layer.mlp
             entry = {"ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight}
             if fused:
-                entry["qkv"] = Proj(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
-                entry["o"] = Proj(a.o_proj.weight)
-                entry["gate_up"] = Proj(torch.cat([m.gate_proj.weight, m.up_proj.weight]))
-                entry["down"] = Proj(m.down_proj.weight)
+                qkv, gate_up = (a.q_proj, a.k_proj, a.v_proj), (m.gate_proj, m.up_proj)
+                entry["qkv"] = Proj(torch.cat([p.weight for p in qkv]), low_rank=_low_rank(qkv))
+                entry["o"] = Proj(a.o_proj.weight, low_rank=_low_rank([a.o_proj]))
+                entry["gate_up"] = Proj(torch.cat([p.weight for p in gate_up]), low_rank=_low_rank(gate_up))
+                entry["down"] = Proj(m.down_proj.weight, low_rank=_low_rank([m.down_proj]))
             else:
                 entry.update(q=Proj(a.q_proj.weight), k=Proj(a.k_proj.weight), v=Proj(a.v_proj.weight),
                              o=Proj(a.o_proj.weight), gate=Proj(m.gate_proj.weight), up=Proj(m.up_proj.weight),
@@ -558,8 +627,8 @@ class _GPT2:
             a, m = block.attn, block.mlp
             layers.append({
                 "ln1": (block.ln_1.weight, block.ln_1.bias), "ln2": (block.ln_2.weight, block.ln_2.bias),
-                "qkv": Proj(a.c_attn.weight.t(), a.c_attn.bias), "o": Proj(a.c_proj.weight.t(), a.c_proj.bias),
-                "fc": Proj(m.c_fc.weight.t(), m.c_fc.bias), "proj": Proj(m.c_proj.weight.t(), m.c_proj.bias)})
+                **{key: Proj(c.weight.t(), c.bias, low_rank=_low_rank([c]))
+                   for key, c in (("qkv", a.c_attn), ("o", a.c_proj), ("fc", m.c_fc), ("proj", m.c_proj))}})
         return layers
 
     def __init__(self, model, max_len: int):
