@@ -552,6 +552,17 @@ def test_a_lora_run_over_a_4bit_base_decodes_the_base_in_int4(grid_lora_runs, fa
     assert type(dec.layers[0]["qkv"]) is fast._Int4Linear
     assert split < 1e-2 and split * 3 < lossy, (split, lossy)
 
+    # Compiled ahead of time, the same split (the update's tensors are inputs of the package, as the weights)
+    fast._DERIVED.pop(lm.model, None)
+    compiled = fast.FastDecoder(lm.model, batch=1, max_len=8, quantize="auto", compile=True)
+    eager = fast.FastDecoder(lm.model, batch=1, max_len=8, quantize="auto")
+    assert getattr(compiled._forward, "package", None) is not None
+    assert isinstance(compiled.layers[0]["qkv"], fast._Int4LowRank)
+    for n, token in enumerate(ids[0, :4].tolist(), start=1):
+        mask = torch.ones(1, n, dtype=torch.long)
+        got, want = compiled.step(torch.tensor([[token]]), mask), eager.step(torch.tensor([[token]]), mask)
+        assert (got - want).abs().max() <= 1e-2 * want.abs().max()
+
     fast._DERIVED.pop(lm.model, None)
     cfg = DecodingConfig(greedy=True, max_new_tokens=12, stop_at_eos=False)
     texts = {q: [s.token_ids for s in generate(dataclasses.replace(lm, quantize=q), PROMPTS, cfg)]

@@ -36,7 +36,9 @@ weights, fp32 activations): half the bytes of fp32, and nothing lost but the wei
 model allows: on CPUs with AVX-512 it takes int4 for matrices already on a 4-bit grid (a model
 dequantised from a Q4 GGUF, as the bundled SmolLM2 is) and fp16 for every other one; where torch's
 CPU kernels run at AVX2 only, the int kernels are slower than fp16, and it takes fp16 throughout
-(:func:`auto_format`).
+(:func:`auto_format`). A LoRA run's merged weights are off the grid its base is on: the formats that
+store grid matrices in int4 read each adapted matrix as its base in int4 plus the LoRA update in low
+rank (:class:`_Int4LowRank`), the update kept beside the merged weights when the run was loaded.
 """
 
 from __future__ import annotations
@@ -198,27 +200,25 @@ class _Int4Linear:
         return y if self.bias is None else y + self.bias
 
 
-class _Int4LowRank(_Int4Linear):
+class _Int4LowRank:
     """A tuned layer whose base weights are on the 4-bit grid: the base through the int4 kernel
-    (nothing lost but float rounding), plus the LoRA update merged into the layer, in its low-rank
-    form, in the model's dtype: ``y = base(x) + (x @ a.T) @ b.T``, the merged layer's product.
+    (``base``, an :class:`_Int4Linear`: nothing lost but float rounding), plus the LoRA update merged
+    into the layer, in its low-rank form, in the model's dtype: ``y = base(x) + (x @ a.T) @ b.T``, the
+    merged layer's product.
 
     A LoRA run of the bundled SmolLM2 has merged weights off the grid, so ``--quantize auto`` would
     read them in fp16, at twice int4's bytes; this reads the base in int4 and two products of rank r.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, groups, a: torch.Tensor, b: torch.Tensor):
-        super().__init__(weight, bias, groups)
-        self.a_t = a.detach().t().to(weight.dtype).contiguous()  # (in, r)
-        self.b_t = b.detach().t().to(weight.dtype).contiguous()  # (r, out)
+    def __init__(self, base: _Int4Linear, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype):
+        self.base = base
+        self.a_t = a.detach().t().to(dtype).contiguous()  # (in, r)
+        self.b_t = b.detach().t().to(dtype).contiguous()  # (r, out)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.weight, INT4_GROUP, self.scale_zero)
-        if y.shape[-1] != self.rows:
-            y = y[:, :self.rows]
-        # (in place into the kernel's output, or its copy in the model's dtype)
-        y = _cast(y, self.a_t.dtype).addmm_(torch.mm(_cast(x, self.a_t.dtype), self.a_t), self.b_t)
-        return y if self.bias is None else y + self.bias
+        # in place into the base's output (the kernel's, or its copy in the model's dtype)
+        y = _cast(self.base(x), self.a_t.dtype)
+        return y.addmm_(torch.mm(_cast(x, self.a_t.dtype), self.a_t), self.b_t)
 
 
 def _splitting_low_rank(Proj, split: bool):  # noqa: N803 - a constructor, as the step's others
@@ -232,7 +232,7 @@ def _splitting_low_rank(Proj, split: bool):  # noqa: N803 - a constructor, as th
             base = weight.detach().float() - b.float() @ a.float()
             groups = _grid_groups(base)
             if groups is not None:
-                return _Int4LowRank(weight, bias, groups, a, b)
+                return _Int4LowRank(_Int4Linear(base, bias, groups), a, b, weight.dtype)
         return Proj(weight, bias)
     return make
 
