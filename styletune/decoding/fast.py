@@ -330,6 +330,9 @@ _QUANTIZED = {"int8": _Int8Linear, "int8-dynamic": _Int8DynamicLinear, "int4": _
               "int4-fp16": _int4_grid_fp16, "fp16": _Fp16Linear,
               "int4-grid-fp16-head": _lossless_int4}  # its head: as "int4-fp16" (_derived_weights)
 
+# Formats that store a matrix on the 4-bit grid in int4 (``--quantize int4`` any matrix).
+_GRID_FORMATS = ("int4", "int4-grid", "int4-fp16", "int4-grid-fp16-head")
+
 
 class _Dense:
     """The model's own tensors. With a bias this is the ``addmm`` GPT-2's Conv1D runs."""
@@ -460,9 +463,6 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Formats that store a matrix on the 4-bit grid in int4 (``--quantize int4`` any matrix).
-_GRID_FORMATS = ("int4", "int4-grid", "int4-fp16", "int4-grid-fp16-head")
-
 # The arithmetic of one layer, per architecture. Each class reads its config and the tensors that
 # are not projections (norms, embeddings, position tables) once per decoder, and gives the decoder:
 # ``n_heads``, ``n_kv``, ``head_dim``, ``scales`` (the attention scale of each layer, or None where ``qkv``
