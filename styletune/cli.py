@@ -41,6 +41,8 @@ class Group(click.Group):
                 raise
             where = exc.ctx.command_path if exc.ctx else ctx.command_path
             raise UserError(f"{exc.format_message().rstrip('.')} (see `{where} --help`)") from None
+        except (click.exceptions.Exit, click.ClickException):  # --help, --version, our own one-line errors
+            raise
         except Exception as exc:
             # One of several training processes whose collective failed because another one stopped:
             # that process reports its own error; this one says only why it stopped too.

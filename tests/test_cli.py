@@ -217,3 +217,21 @@ def test_threads_option(run, gpt2_dir):
         torch.set_num_threads(before)
     bad = run("--threads", "0", "models")
     assert bad.exit_code == 2 and "Traceback" not in bad.output
+
+
+def test_help_and_version_do_not_import_torch():
+    """``--help`` and ``--version`` answer at once: no command's help loads torch (about a second here)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from styletune.cli import main\n"
+            "for args in (['--help'], ['--version'], *[[name, '--help'] for name in main.commands]):\n"
+            "    try:\n"
+            "        main(args, standalone_mode=False)\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "print(len(main.commands), 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    count, torch_loaded = out.split()[-2:]
+    assert int(count) >= 8 and torch_loaded == "False", out[-500:]
