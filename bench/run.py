@@ -793,10 +793,17 @@ def _decode_floor(s: Settings, rows: int) -> dict:
     return {
         "value": rows * tokens / best, "unit": "tokens/s (upper bound)",
         "timing": f"1 warm-up pass, best of {s.repeats} passes of {tokens} steps",
-        "notes": f"{len(calls)} products a step ({', '.join(kinds)}; format {lm.quantize} = {dec.quantize}), "
+        "notes": f"{len(calls)} products a step ({', '.join(kinds)}; format {lm.quantize} = {dec.quantize}"
+                 f"{_FORMAT_MEANING.get(dec.quantize, '')}), "
                  f"{rows} row(s), {1000 * best / tokens:.2f} ms a step; times {fmt_times(times)}",
         "seconds": best,
     }
+
+
+# What a resolved --quantize auto format stores (a model with no matrix on the 4-bit grid, GPT-2's,
+# reads every one in the second format).
+_FORMAT_MEANING = {"int4-fp16": ": int4 on the 4-bit grid, fp16 off it",
+                   "int4-grid": ": int4 on the 4-bit grid, int8 off it", "fp16": ": fp16 throughout"}
 
 
 def measure_decode_floor_b1(s: Settings) -> dict:
