@@ -38,7 +38,8 @@ dequantised from a Q4 GGUF, as the bundled SmolLM2 is) and fp16 for every other 
 CPU kernels run at AVX2 only, the int kernels are slower than fp16, and it takes fp16 throughout
 (:func:`auto_format`). A LoRA run's merged weights are off the grid its base is on: the formats that
 store grid matrices in int4 read each adapted matrix as its base in int4 plus the LoRA update in low
-rank (:class:`_Int4LowRank`), the update kept beside the merged weights when the run was loaded.
+rank (:class:`_Int4LowRank`), the update kept beside the merged weights when the run was loaded,
+in decoders of up to ``LOW_RANK_MAX_ROWS`` rows (beyond, the merged weights are faster).
 """
 
 from __future__ import annotations
@@ -237,6 +238,13 @@ def _splitting_low_rank(Proj, split: bool):  # noqa: N803 - a constructor, as th
     return make
 
 
+def _has_low_rank(model) -> bool:
+    """Whether any layer of ``model`` keeps a merged LoRA update (:func:`_low_rank`)."""
+    from ..lora import LOW_RANK_UPDATE
+
+    return any(hasattr(m, LOW_RANK_UPDATE) for m in model.modules())
+
+
 def _low_rank(modules):
     """The LoRA updates merged into ``modules`` (:data:`styletune.lora.LOW_RANK_UPDATE`), joined as
     the update of their weights concatenated along the outputs, as the step fuses them: ``(a, b)``
@@ -333,6 +341,14 @@ _QUANTIZED = {"int8": _Int8Linear, "int8-dynamic": _Int8DynamicLinear, "int4": _
 # Formats that store a matrix on the 4-bit grid in int4 (``--quantize int4`` any matrix).
 _GRID_FORMATS = ("int4", "int4-grid", "int4-fp16", "int4-grid-fp16-head")
 
+# A decoder of at most this many rows reads a LoRA run's adapted matrices as the base in int4 plus the
+# update (:class:`_Int4LowRank`); one of more rows reads the merged weights, as the format stores any
+# matrix off the grid. Measured on a 2-core AMD EPYC with avx512_bf16 (the demo run, ``generate``, 64
+# greedy tokens, medians of three interleaved calls), tokens/s split against fp16: 1.06x at 1 row,
+# 1.15x at 2, 0.99x at 4, 0.85x at 8 on one thread; 1.07x, 1.11x, 0.96x and 0.79x on two. (The base
+# model's own int4 stays ahead of fp16 at 8 rows: 1.02x and 1.05x.)
+LOW_RANK_MAX_ROWS = 2
+
 
 class _Dense:
     """The model's own tensors. With a bias this is the ``addmm`` GPT-2's Conv1D runs."""
@@ -413,8 +429,9 @@ def _derived_weights(model, quantize: str | None, rows: int, pack: bool):
     """Per-layer projections and the output head: dense views of the model's own tensors,
     MKL-packed copies (fp32 batches of ``PACK_MIN_ROWS`` rows or more, when ``pack``) or
     int8 copies. Which projections a layer has is the architecture's (its ``weights``)."""
+    split = quantize in _GRID_FORMATS and rows <= LOW_RANK_MAX_ROWS and _has_low_rank(model)
     if quantize:
-        kind = quantize
+        kind = f"{quantize}+low-rank" if split else quantize
     elif pack and rows >= PACK_MIN_ROWS and can_pack(model):
         kind = ("packed", rows)
     elif _family(model).relayout and can_relayout(model):
@@ -444,12 +461,13 @@ def _derived_weights(model, quantize: str | None, rows: int, pack: bool):
         def Proj(w, bias=None):  # noqa: N802 - a constructor like the others
             return _PackedDense(w, rows, bias)
     # A layer tuned by LoRA (its update merged, kept in low rank) over a base on the 4-bit grid: the
-    # formats that store such matrices in int4 take the base in int4 and the update as it is.
-    Proj = _splitting_low_rank(Proj, split=quantize in _GRID_FORMATS)  # noqa: N806
+    # formats that store such matrices in int4 take the base in int4 and the update as it is, in
+    # decoders of few rows.
+    Proj = _splitting_low_rank(Proj, split=split)  # noqa: N806
     # int8 copies fuse the projections that read the same input into one matrix each
     layers = _family(model).weights(model, Proj, fused=bool(quantize))
     # the compiled step's auto: the head as auto stores it eagerly (fp16 off the 4-bit grid, run after the package)
-    Head = {"relayout": _DenseInOut, "int4-grid-fp16-head": _int4_grid_fp16}.get(kind, Proj)  # noqa: N806
+    Head = {"relayout": _DenseInOut, "int4-grid-fp16-head": _int4_grid_fp16}.get(quantize or kind, Proj)  # noqa: N806
     weights = layers, Head(model.lm_head.weight)
     if kind:
         entries[kind] = (sig, weights)
