@@ -590,23 +590,33 @@ def test_a_stale_low_rank_update_is_not_used(grid_lora_runs, monkeypatch):
     assert (got - ref).abs().max() <= 1e-2 * ref.abs().max()
 
 
-def test_a_lora_run_in_a_decoder_of_many_rows_reads_the_merged_weights(grid_lora_runs, monkeypatch):
-    """The split pays at few rows only (``LOW_RANK_MAX_ROWS``): a decoder of more rows, as the server's
-    slots, reads the merged weights as the format stores any matrix off the grid (fp16 here), and
-    both copies are kept apart (the model's own int4 layers, with no update, are one copy for all)."""
+def test_a_lora_run_splits_in_steps_of_few_rows(grid_lora_runs, monkeypatch):
+    """The split pays at few rows only (``LOW_RANK_MAX_ROWS``): a step of more rows reads the merged
+    weights as the format stores any matrix off the grid (fp16 here). The choice follows the rows a
+    step decodes, not the slots the decoder holds, so one sequence alone in the server's many slots
+    gets exactly the logits of a one-slot decoder (``generate`` of one prompt). The model's own int4
+    layers, with no update, are one copy for every row count."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     lm = load_model(str(grid_lora_runs["llama"]), device="cpu", dtype="float32")
-    few = fast.SlotDecoder(lm.model, slots=fast.LOW_RANK_MAX_ROWS, max_len=8, quantize="auto")
-    many = fast.SlotDecoder(lm.model, slots=fast.LOW_RANK_MAX_ROWS + 1, max_len=8, quantize="auto")
-    assert isinstance(few.layers[0]["qkv"], fast._Int4LowRank) and isinstance(many.layers[0]["qkv"], fast._Fp16Linear)
-    assert fast.SlotDecoder(lm.model, slots=1, max_len=8, quantize="auto").layers is few.layers  # cached
-    for dec in (few, many):
-        dec.prefill(0, [5, 6, 7])
-    got_few, got_many = few.decode([0], [8])[0], many.decode([0], [8])[0]
+    rows = fast.LOW_RANK_MAX_ROWS + 1
+    one = fast.SlotDecoder(lm.model, slots=1, max_len=8, quantize="auto")
+    many = fast.SlotDecoder(lm.model, slots=rows, max_len=8, quantize="auto")
+    assert isinstance(one.layers[0]["qkv"], fast._Int4LowRank) and isinstance(many.layers[0]["qkv"], fast._Fp16Linear)
+    prompt, more = [5, 6, 7], [8, 9, 10]
+    for slot in range(rows):
+        many.prefill(slot, prompt)
+    one.prefill(0, prompt)
+    for token in more:  # steps of one row: the split, as in the one-slot decoder, to the bit
+        alone = many.decode([0], [token])[0]
+        assert torch.equal(alone, one.decode([0], [token])[0])
+    assert isinstance(many.layers[0]["qkv"], fast._Int4LowRank) and many.layers[0]["qkv"] is one.layers[0]["qkv"]
+    together = many.decode(list(range(1, rows)) + [0], [8] * (rows - 1) + [11])  # a step of many rows
+    assert isinstance(many.layers[0]["qkv"], fast._Fp16Linear)
     with torch.no_grad():
-        ref = lm.model(torch.tensor([[5, 6, 7, 8]])).logits[0, -1]
-    for got in (got_few, got_many):
-        assert (got - ref).abs().max() <= 1e-2 * ref.abs().max()
+        ref_alone = lm.model(torch.tensor([prompt + more])).logits[0, -1]
+        ref = lm.model(torch.tensor([prompt + [8]])).logits[0, -1]
+    assert (alone - ref_alone).abs().max() <= 1e-2 * ref_alone.abs().max()
+    assert (together[0] - ref).abs().max() <= 1e-2 * ref.abs().max()
     base = load_model(str(grid_lora_runs["llama"].parent / "base-llama"), device="cpu", dtype="float32")
-    one, eight = (fast.SlotDecoder(base.model, slots=n, max_len=8, quantize="auto") for n in (1, 8))
-    assert one.layers is eight.layers and isinstance(one.layers[0]["qkv"], fast._Int4Linear)
+    few_slots, many_slots = (fast.SlotDecoder(base.model, slots=n, max_len=8, quantize="auto") for n in (1, 8))
+    assert few_slots.layers is many_slots.layers and isinstance(few_slots.layers[0]["qkv"], fast._Int4Linear)

@@ -39,7 +39,7 @@ CPU kernels run at AVX2 only, the int kernels are slower than fp16, and it takes
 (:func:`auto_format`). A LoRA run's merged weights are off the grid its base is on: the formats that
 store grid matrices in int4 read each adapted matrix as its base in int4 plus the LoRA update in low
 rank (:class:`_Int4LowRank`), the update kept beside the merged weights when the run was loaded,
-in decoders of up to ``LOW_RANK_MAX_ROWS`` rows (beyond, the merged weights are faster).
+in decode steps of up to ``LOW_RANK_MAX_ROWS`` rows (beyond, the merged weights are faster).
 """
 
 from __future__ import annotations
@@ -341,9 +341,9 @@ _QUANTIZED = {"int8": _Int8Linear, "int8-dynamic": _Int8DynamicLinear, "int4": _
 # Formats that store a matrix on the 4-bit grid in int4 (``--quantize int4`` any matrix).
 _GRID_FORMATS = ("int4", "int4-grid", "int4-fp16", "int4-grid-fp16-head")
 
-# A decoder of at most this many rows reads a LoRA run's adapted matrices as the base in int4 plus the
-# update (:class:`_Int4LowRank`); one of more rows reads the merged weights, as the format stores any
-# matrix off the grid. Measured on a 2-core AMD EPYC with avx512_bf16 (the demo run, ``generate``, 64
+# A decode step of at most this many rows reads a LoRA run's adapted matrices as the base in int4 plus
+# the update (:class:`_Int4LowRank`); one of more rows reads the merged weights, as the format stores
+# any matrix off the grid (a SlotDecoder of more slots holds both copies and picks per step). Measured on a 2-core AMD EPYC with avx512_bf16 (the demo run, ``generate``, 64
 # greedy tokens, medians of three interleaved calls), tokens/s split against fp16: 1.06x at 1 row,
 # 1.15x at 2, 0.99x at 4, 0.85x at 8 on one thread; 1.07x, 1.11x, 0.96x and 0.79x on two. (The base
 # model's own int4 stays ahead of fp16 at 8 rows: 1.02x and 1.05x.)
@@ -848,6 +848,13 @@ class SlotDecoder(FastDecoder):
         super().__init__(model, batch=slots, max_len=max_len, quantize=quantize, compile=False)
         self.model = model
         self.lengths = [0] * slots
+        # Layers by the rows a step decodes: a LoRA run's int4 base plus update where the step has few
+        # rows (LOW_RANK_MAX_ROWS), its merged weights otherwise. So a step's arithmetic depends on how
+        # many sequences it decodes, not on how many slots the decoder holds: a request alone on the
+        # server decodes as `generate` of its one prompt does.
+        self._layers_for = {False: self.layers, True: self.layers}
+        if slots > LOW_RANK_MAX_ROWS and self.quantize in _GRID_FORMATS and _has_low_rank(model):
+            self._layers_for[True] = _weights(model, self.quantize, LOW_RANK_MAX_ROWS)[0]
 
     def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
         """Put the prompt ``ids`` into ``slot``; returns the float32 logits of its next token (V,)."""
@@ -904,6 +911,7 @@ class SlotDecoder(FastDecoder):
         mask = None if len(set(lengths)) == 1 else (
             torch.arange(upto, device=device)[None, :] <= pos[:, None])[:, None, None, :]
         ids = torch.tensor(tokens, device=device)[:, None]
+        self.layers = self._layers_for[len(slots) <= LOW_RANK_MAX_ROWS]
         consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
         logits = self._forward(ids, pos, pos[:1] if mask is None else None, mask, upto,
                                torch.tensor(slots, device=device),
