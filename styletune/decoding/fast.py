@@ -462,7 +462,7 @@ def _derived_weights(model, quantize: str | None, rows: int, pack: bool):
             return _PackedDense(w, rows, bias)
     # A layer tuned by LoRA (its update merged, kept in low rank) over a base on the 4-bit grid: the
     # formats that store such matrices in int4 take the base in int4 and the update as it is, in
-    # decoders of few rows.
+    # decode steps of few rows.
     Proj = _splitting_low_rank(Proj, split=split)  # noqa: N806
     # int8 copies fuse the projections that read the same input into one matrix each
     layers = _family(model).weights(model, Proj, fused=bool(quantize))
