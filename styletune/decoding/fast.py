@@ -343,10 +343,11 @@ _GRID_FORMATS = ("int4", "int4-grid", "int4-fp16", "int4-grid-fp16-head")
 
 # A decode step of at most this many rows reads a LoRA run's adapted matrices as the base in int4 plus
 # the update (:class:`_Int4LowRank`); one of more rows reads the merged weights, as the format stores
-# any matrix off the grid (a SlotDecoder of more slots holds both copies and picks per step). Measured on a 2-core AMD EPYC with avx512_bf16 (the demo run, ``generate``, 64
-# greedy tokens, medians of three interleaved calls), tokens/s split against fp16: 1.06x at 1 row,
-# 1.15x at 2, 0.99x at 4, 0.85x at 8 on one thread; 1.07x, 1.11x, 0.96x and 0.79x on two. (The base
-# model's own int4 stays ahead of fp16 at 8 rows: 1.02x and 1.05x.)
+# any matrix off the grid (a SlotDecoder of more slots holds both copies and picks per step).
+# Measured on a 2-core AMD EPYC with avx512_bf16 (the demo run, ``generate``, 64 greedy tokens,
+# medians of three interleaved calls), tokens/s split against fp16: 1.06x at 1 row, 1.15x at 2, 0.99x
+# at 4, 0.85x at 8 on one thread; 1.07x, 1.11x, 0.96x and 0.79x on two. (The base model's own int4
+# stays ahead of fp16 at 8 rows: 1.02x and 1.05x.)
 LOW_RANK_MAX_ROWS = 2
 
 
