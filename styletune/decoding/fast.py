@@ -223,12 +223,13 @@ class _Int4LowRank:
 
 
 def _splitting_low_rank(Proj, split: bool):  # noqa: N803 - a constructor, as the step's others
-    """``Proj`` taking the low-rank update merged into a weight (``low_rank=(a, b)``, see
-    :func:`_low_rank`). Where ``split`` (a format with int4 for matrices on the 4-bit grid) and the
-    weight minus the update is on the grid, the projection is :class:`_Int4LowRank`; any other is
-    ``Proj`` of the weight as it is."""
-    def make(weight: torch.Tensor, bias: torch.Tensor | None = None, low_rank=None):
-        if split and low_rank is not None:
+    """``Proj`` taking the modules whose weights ``weight`` is (``parts``, in the order it joins them),
+    for the LoRA updates merged into them (:func:`_low_rank`). Where ``split`` (a format with int4 for
+    matrices on the 4-bit grid) and the weight minus the update is on the grid, the projection is
+    :class:`_Int4LowRank`; any other is ``Proj`` of the weight as it is."""
+    def make(weight: torch.Tensor, bias: torch.Tensor | None = None, parts=()):
+        low_rank = _low_rank(parts) if split else None  # (not built where it would not be used)
+        if low_rank is not None:
             a, b = low_rank
             base = weight.detach().float() - b.float() @ a.float()
             groups = _grid_groups(base)
@@ -516,10 +517,10 @@ class _Llama:
             entry = {"ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight}
             if fused:
                 qkv, gate_up = (a.q_proj, a.k_proj, a.v_proj), (m.gate_proj, m.up_proj)
-                entry["qkv"] = Proj(torch.cat([p.weight for p in qkv]), low_rank=_low_rank(qkv))
-                entry["o"] = Proj(a.o_proj.weight, low_rank=_low_rank([a.o_proj]))
-                entry["gate_up"] = Proj(torch.cat([p.weight for p in gate_up]), low_rank=_low_rank(gate_up))
-                entry["down"] = Proj(m.down_proj.weight, low_rank=_low_rank([m.down_proj]))
+                entry["qkv"] = Proj(torch.cat([p.weight for p in qkv]), parts=qkv)
+                entry["o"] = Proj(a.o_proj.weight, parts=[a.o_proj])
+                entry["gate_up"] = Proj(torch.cat([p.weight for p in gate_up]), parts=gate_up)
+                entry["down"] = Proj(m.down_proj.weight, parts=[m.down_proj])
             else:
                 entry.update(q=Proj(a.q_proj.weight), k=Proj(a.k_proj.weight), v=Proj(a.v_proj.weight),
                              o=Proj(a.o_proj.weight), gate=Proj(m.gate_proj.weight), up=Proj(m.up_proj.weight),
@@ -646,7 +647,7 @@ class _GPT2:
             a, m = block.attn, block.mlp
             layers.append({
                 "ln1": (block.ln_1.weight, block.ln_1.bias), "ln2": (block.ln_2.weight, block.ln_2.bias),
-                **{key: Proj(c.weight.t(), c.bias, low_rank=_low_rank([c]))
+                **{key: Proj(c.weight.t(), c.bias, parts=[c])
                    for key, c in (("qkv", a.c_attn), ("o", a.c_proj), ("fc", m.c_fc), ("proj", m.c_proj))}})
         return layers
 
