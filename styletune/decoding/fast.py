@@ -854,9 +854,11 @@ class SlotDecoder(FastDecoder):
         # rows (LOW_RANK_MAX_ROWS), its merged weights otherwise. So a step's arithmetic depends on how
         # many sequences it decodes, not on how many slots the decoder holds: a request alone on the
         # server decodes as `generate` of its one prompt does.
-        self._layers_for = {False: self.layers, True: self.layers}
-        if slots > LOW_RANK_MAX_ROWS and self.quantize in _GRID_FORMATS and _has_low_rank(model):
-            self._layers_for[True] = _weights(model, self.quantize, LOW_RANK_MAX_ROWS)[0]
+        # Asked of every grid format: a model with no update gets its one cached copy back. Not of exact
+        # fp32, where another row count would replace this decoder's packed copy.
+        few = slots > LOW_RANK_MAX_ROWS and self.quantize in _GRID_FORMATS
+        self._layers_for = {False: self.layers,
+                            True: _weights(model, self.quantize, LOW_RANK_MAX_ROWS)[0] if few else self.layers}
 
     def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
         """Put the prompt ``ids`` into ``slot``; returns the float32 logits of its next token (V,)."""
