@@ -320,6 +320,12 @@ def measure_plain_loop_nodrop(s: Settings) -> dict:
     return measure_plain_loop(s, lora_dropout=0.0)
 
 
+def _training_line(lines: list[str]) -> str:
+    """The line a ``styletune train`` run prints as it starts ("training lora, compiled on cpu with bf16
+    autocast: N steps, ..."), or "" where there is none."""
+    return next((ln for ln in lines if ln.startswith("training ")), "")
+
+
 def measure_styletune_train(s: Settings, train_layers: int | None = None, compile: bool | None = None,
                             lora_dropout: float = LOOP_LORA_DROPOUT, dtype: str = "auto") -> dict:
     """styletune's own training loop: ``styletune.train`` (``styletune.training.train``) with LoRA
@@ -360,7 +366,7 @@ def measure_styletune_train(s: Settings, train_layers: int | None = None, compil
     tokens = sum(b["tokens_seen"] - a["tokens_seen"] for a, b in timed)
     seconds = sum(b["elapsed_s"] - a["elapsed_s"] for a, b in timed)
     logged = [r["tokens_per_s"] for r in rows[s.warmup_steps:]]
-    autocast = next((ln for ln in lines if ln.startswith("training ")), "")
+    autocast = _training_line(lines)
     if any("torch.compile failed" in ln for ln in lines):
         raise RuntimeError(next(ln for ln in lines if "torch.compile failed" in ln))
     return {
@@ -1484,7 +1490,7 @@ def _train_processes(s: Settings, nproc: int) -> dict:
     timed = list(zip(prev, rows))[s.warmup_steps:]
     tokens = sum(b["tokens_seen"] - a["tokens_seen"] for a, b in timed)
     seconds = sum(b["elapsed_s"] - a["elapsed_s"] for a, b in timed)
-    plan = next((ln for ln in done.stderr.splitlines() if ln.startswith("training ")), "")
+    plan = _training_line(done.stderr.splitlines())
     return {
         "value": tokens / seconds, "unit": "useful tokens/s",
         "timing": f"{s.timed_steps} steps after {s.warmup_steps} warm-up, from metrics.jsonl",
@@ -1595,7 +1601,7 @@ def measure_quality_styletune(s: Settings, budget: int | None = None) -> dict:
                       time_budget=f"{budget}s", seed=0)
     lines: list[str] = []
     result = train(cfg, overwrite=True, echo=lines.append)
-    compiled = any(line.startswith("training ") and ", compiled" in line for line in lines)
+    compiled = ", compiled" in _training_line(lines)
     rows = read_metrics(out)
     elapsed = {r["step"]: r["elapsed_s"] for r in rows if "loss" in r}
     evals = [(elapsed.get(r["step"], 0.0), r["val_ppl"]) for r in rows if "val_ppl" in r]
