@@ -643,6 +643,26 @@ def measure_styletune_generate_b1(s: Settings) -> dict:
     return _styletune_generate(s, [PROMPT], quantize="auto")
 
 
+def _without_kernels(fn):
+    """``fn()`` with styletune's decode kernels turned off (``STYLETUNE_KERNELS=0``): the step on
+    PyTorch operations alone."""
+    old = os.environ.get("STYLETUNE_KERNELS")
+    os.environ["STYLETUNE_KERNELS"] = "0"
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ["STYLETUNE_KERNELS"]
+        else:
+            os.environ["STYLETUNE_KERNELS"] = old
+
+
+def measure_styletune_generate_b1_no_kernels(s: Settings) -> dict:
+    """The default flags with ``STYLETUNE_KERNELS=0``: the decode step's work between its products
+    (norms, rotation, attention, the SwiGLU gate) as PyTorch operations, not styletune's kernels."""
+    return _without_kernels(lambda: _styletune_generate(s, [PROMPT], quantize="auto"))
+
+
 def measure_styletune_generate_b1_exact(s: Settings) -> dict:
     """One prompt with ``--quantize none``: the exact model, the same tokens as transformers."""
     return _styletune_generate(s, [PROMPT])
@@ -710,9 +730,13 @@ def measure_quant_quality(s: Settings, model: str | None = None) -> dict:
         ref = lm.model(ids).logits[0].float()
     nll = {"transformers": F.cross_entropy(ref[:-1], ids[0, 1:]).item()}
     agree = {}
-    formats = (None, "auto", "fp16", "int4", "int8", "int8-dynamic")
-    for q in formats if fast.has_fp16_kernel() else [f for f in formats if f != "fp16"]:
-        dec = fast.FastDecoder(lm.model, 1, ids.shape[1], quantize=q)
+    formats = [f for f in (None, "auto", "fp16", "int4", "int8", "int8-dynamic") if f != "fp16" or fast.has_fp16_kernel()]
+    # auto once more on the PyTorch step alone (an older checkout has no kernels: the same step twice)
+    runs = [(q or "exact", q, True) for q in formats] + [("auto, kernels off", "auto", False)]
+    for name, q, kernels in runs:
+        def decoder():
+            return fast.FastDecoder(lm.model, 1, ids.shape[1], quantize=q)
+        dec = decoder() if kernels else _without_kernels(decoder)
         with torch.inference_mode():
             out = lm.model(ids[:, :1], use_cache=True)
         dec.load_cache(out["cache"] if "cache" in out else out.past_key_values)  # "cache" from transformers 5.24
@@ -720,7 +744,6 @@ def measure_quant_quality(s: Settings, model: str | None = None) -> dict:
         for t in range(1, ids.shape[1] - 1):
             rows.append(dec.step(ids[:, t:t + 1], torch.ones(1, t + 1, dtype=torch.long))[0])
         logits = torch.stack(rows)
-        name = q or "exact"
         nll[name] = F.cross_entropy(logits, ids[0, 1:]).item()
         agree[name] = (logits.argmax(-1) == ref[:-1].argmax(-1)).float().mean().item()
     ppl = {k: math.exp(v) for k, v in nll.items()}
@@ -1673,6 +1696,7 @@ MEASUREMENTS = {
     "hf_generate_b1": ("generate", "reference", measure_hf_generate_b1),
     "styletune_generate_b1": ("generate", "styletune", measure_styletune_generate_b1),
     "styletune_generate_b1_exact": ("generate", "styletune", measure_styletune_generate_b1_exact),
+    "styletune_generate_b1_no_kernels": ("generate", "styletune", measure_styletune_generate_b1_no_kernels),
     "styletune_generate_b1_int4": ("generate", "styletune", measure_styletune_generate_b1_int4),
     "styletune_generate_b1_compile": ("generate", "styletune", measure_styletune_generate_b1_compile),
     "styletune_generate_b1_fp16": ("generate", "styletune", measure_styletune_generate_b1_fp16),
@@ -1764,6 +1788,10 @@ RATIOS = [
      "batch-1 tokens/s, default flags, vs transformers with torchao int8 at its best"),
     ("styletune_b1 / llamacpp", "styletune_generate_b1", "llamacpp_b1",
      "batch-1 tokens/s, default flags (--quantize auto), vs llama.cpp on the Q4_1 GGUF"),
+    ("styletune_b1 / styletune_b1_no_kernels", "styletune_generate_b1", "styletune_generate_b1_no_kernels",
+     "what styletune's decode kernels buy: default flags against the same step on PyTorch operations alone"),
+    ("styletune_b1_no_kernels / llamacpp", "styletune_generate_b1_no_kernels", "llamacpp_b1",
+     "batch-1 tokens/s, default flags with STYLETUNE_KERNELS=0, vs llama.cpp"),
     ("styletune_b1_exact / llamacpp", "styletune_generate_b1_exact", "llamacpp_b1",
      "batch-1 tokens/s, exact fp32, vs llama.cpp on the Q4_1 GGUF"),
     ("styletune_b1_int4 / llamacpp", "styletune_generate_b1_int4", "llamacpp_b1",

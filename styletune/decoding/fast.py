@@ -40,6 +40,12 @@ CPU kernels run at AVX2 only, the int kernels are slower than fp16, and it takes
 store grid matrices in int4 read each adapted matrix as its base in int4 plus the LoRA update in low
 rank (:class:`_Int4LowRank`), the update kept beside the merged weights when the run was loaded,
 in decode steps of up to ``LOW_RANK_MAX_ROWS`` rows (beyond, the merged weights are faster).
+
+Every format but exact runs the Llama step's work between its products (norms, rotation, the KV
+cache write, attention, the SwiGLU gate) in styletune's own C kernels (:mod:`.kernels`,
+:class:`_KernelStep`): four calls a layer where PyTorch makes about forty operations, each costing
+more to dispatch than to compute at one token per row. The exact step stays on PyTorch's operations,
+transformers' own arithmetic, token for token.
 """
 
 from __future__ import annotations
@@ -747,6 +753,7 @@ class FastDecoder:
         self.max_len = max_len
         self.length = 0
         self.compiled = compile
+        self._kernels = None if compile else _KernelStep.build(self, model)
         if compile:
             from .compiled import compile_step
 
@@ -789,6 +796,8 @@ class FastDecoder:
         fixed shapes). Row b is the sequence in cache slot b, or in ``slots[b]`` (continuous batching;
         ``rows``, the same slots as a slice where they are consecutive). ``where``: the one position
         every row writes at; None: row b writes at ``pos[b]``."""
+        if self._kernels is not None and upto is not None:
+            return self._kernels(self.layers, self.head, input_ids, pos, where, mask, upto, slots)
         arch = self.arch
         b, nq, nkv, hd = input_ids.shape[0], self.n_heads, self.n_kv, self.head_dim
         x, ctx = arch.embed(input_ids.view(b), pos)  # (B, C)
@@ -828,6 +837,124 @@ def _attend(q, keys, values, blocked, scale):
         s.masked_fill_(blocked, float("-inf"))
     p = torch.softmax(s, dim=-1, dtype=torch.float32)
     return torch.matmul(_cast(p, values.dtype), values)  # (B, kv heads, group, hd)
+
+
+_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
+_KERNEL_DTYPES = {torch.float32: 1, torch.bfloat16: 2}  # kernels.c's dtype codes
+
+
+def _kernel_product(P):  # noqa: N803 - a projection, as the step's others
+    """(the dtype code of the input ``P``'s kernel reads, ``P`` as a function of an input in that dtype
+    returning an fp32 or bf16 product). An int4 matrix is called without its wrapper (the cast of
+    its input, a check of its rows): the step writes its input in bf16 directly."""
+    if type(P) is _Int4Linear and P.bias is None and P.rows % 16 == 0:
+        weight, scale_zero = P.weight, P.scale_zero
+        return 2, lambda x: _INT4_MM(x, weight, INT4_GROUP, scale_zero)
+
+    def product(x):
+        y = P(x)
+        return y if y.dtype in _KERNEL_DTYPES and y.is_contiguous() else y.float().contiguous()
+
+    return 1, product
+
+
+class _KernelStep:
+    """The Llama step of a decoder whose layers are fused (every ``--quantize`` format), in fp32 on
+    CPU, with the work between its products done by styletune's kernels (:mod:`.kernels`): per layer
+    four calls into ``kernels.c`` (norm, rotation + cache write + attention, residual add + norm, SwiGLU
+    gate) and the layer's four products, where the PyTorch step makes about forty operations. The
+    arithmetic is the PyTorch step's, to float rounding (sums in another order, exp within 2 ulp):
+    tested against it, and against exact, in the tests and the bench's perplexity rows.
+
+    Buffers are allocated once per row count and reused every token; the products' inputs are
+    written in the dtype each kernel reads (bf16 for int4), so no cast runs between them."""
+
+    @staticmethod
+    def build(decoder, model):
+        """The kernel step for ``decoder``, or None where it does not apply or the kernels are not
+        available (then the PyTorch step runs)."""
+        if not (isinstance(decoder.arch, _Llama) and decoder.quantize and model.dtype == torch.float32
+                and model.device.type == "cpu"):
+            return None
+        from . import kernels
+
+        lib = kernels.library()
+        return None if lib is None else _KernelStep(decoder, model, lib)
+
+    def __init__(self, decoder, model, lib):
+        arch, cfg = decoder.arch, model.config
+        self.lib, self.arch = lib, arch
+        self.kv = [t.data_ptr() for t in decoder.kv]
+        self.slots_total, self.max_len = decoder.kv[0].shape[1], decoder.max_len
+        self.shape = (decoder.n_heads, decoder.n_kv, decoder.head_dim)
+        self.hidden, self.inter = cfg.hidden_size, cfg.intermediate_size
+        self.scale = decoder.head_dim ** -0.5
+        n_heads, n_kv, head_dim = self.shape
+        group = n_heads // n_kv
+        self.scratch = torch.empty(max(2 * self.inter, self.hidden,
+                                       (n_heads + 2 * n_kv) * head_dim + group * (self.max_len + head_dim)))
+        self._keep = decoder.kv, arch.cos, arch.sin_signed  # what the pointers below point into
+        self._plans: dict[int, tuple] = {}
+        self._buffers: dict[int, dict] = {}
+
+    def _plan(self, layers, head):
+        """Per layer: the norms' weights and each product with the dtype of its input; the head's."""
+        plan = self._plans.get(id(layers))
+        if plan is None or plan[0] is not layers or plan[1] is not head:
+            steps = [(L["ln1"].data_ptr(), *_kernel_product(L["qkv"]), *_kernel_product(L["o"]),
+                      L["ln2"].data_ptr(), *_kernel_product(L["gate_up"]), *_kernel_product(L["down"]))
+                     for L in layers]
+            plan = self._plans[id(layers)] = (layers, head, steps, _kernel_product(head))
+        return plan[2], plan[3]
+
+    def _rows(self, b: int) -> dict:
+        """Buffers for steps of ``b`` rows: each product's input in either dtype, as (tensor, address)."""
+        bufs = self._buffers.get(b)
+        if bufs is None:
+            n_heads, _, head_dim = self.shape
+            bufs = {"slots": torch.arange(b)}
+            for name, width in (("h", self.hidden), ("att", n_heads * head_dim), ("mid", self.inter)):
+                for code, dtype in ((1, torch.float32), (2, torch.bfloat16)):
+                    t = torch.empty(b, width, dtype=dtype)
+                    bufs[name, code] = (t, t.data_ptr())
+            self._buffers[b] = bufs
+        return bufs
+
+    def __call__(self, layers, head, input_ids, pos, where, mask, upto: int, slots):
+        lib, arch = self.lib, self.arch
+        b = input_ids.shape[0]
+        n_heads, n_kv, head_dim = self.shape
+        hidden, eps, scratch = self.hidden, arch.eps, self.scratch.data_ptr()
+        plan, (head_code, head) = self._plan(layers, head)
+        bufs = self._rows(b)
+        slots = bufs["slots"] if slots is None else slots
+        if mask is not None:
+            mask = mask.contiguous()
+        x = F.embedding(input_ids.view(b), arch.embed_weight)  # (B, C): the residual stream, updated in place
+        xp, posp, slotp = x.data_ptr(), pos.data_ptr(), slots.data_ptr()
+        cos, sin = arch.cos.data_ptr(), arch.sin_signed.data_ptr()
+        wpos, wstride = (pos.data_ptr(), 1) if where is None else (where.data_ptr(), 0)
+        maskp = None if mask is None else mask.data_ptr()
+        y, add, add_code = None, None, 0
+        for kv, (ln1, qkv_code, qkv, o_code, o, ln2, gu_code, gate_up, down_code, down) in zip(self.kv, plan):
+            h, hp = bufs["h", qkv_code]
+            lib.st_add_rms(xp, add, add_code, ln1, hp, qkv_code, b, hidden, eps, scratch)
+            y = qkv(h)
+            att, ap = bufs["att", o_code]
+            lib.st_rope_attend(y.data_ptr(), _KERNEL_DTYPES[y.dtype], posp, cos, sin, kv, self.slots_total,
+                               self.max_len, slotp, wpos, wstride, maskp, upto, ap, o_code,
+                               b, n_heads, n_kv, head_dim, self.scale, scratch)
+            y = o(att)
+            h, hp = bufs["h", gu_code]
+            lib.st_add_rms(xp, y.data_ptr(), _KERNEL_DTYPES[y.dtype], ln2, hp, gu_code, b, hidden, eps, scratch)
+            y = gate_up(h)
+            mid, mp = bufs["mid", down_code]
+            lib.st_silu_mul(y.data_ptr(), _KERNEL_DTYPES[y.dtype], mp, down_code, b, self.inter, scratch)
+            y = down(mid)  # added to the stream by the next norm's call
+            add, add_code = y.data_ptr(), _KERNEL_DTYPES[y.dtype]
+        h, hp = bufs["h", head_code]
+        lib.st_add_rms(xp, add, add_code, arch.norm.data_ptr(), hp, head_code, b, hidden, eps, scratch)
+        return head(h).float()
 
 
 class SlotDecoder(FastDecoder):

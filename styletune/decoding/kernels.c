@@ -1,0 +1,176 @@
+/* styletune's CPU kernels for the work of a decode step between its matrix products.
+ *
+ * At one token per row, the norms, the rotation, attention and the SwiGLU gate of a 135M model are a
+ * few thousand floats each: PyTorch spends far longer dispatching them (about forty operations per
+ * layer, a few microseconds each) than computing them. These do each group of them in one call, on
+ * the step's own buffers (see kernels.py, which builds this file on first use with the system's C
+ * compiler, for this machine, and fast.py, whose step calls it).
+ *
+ * Arithmetic is in fp32, as the PyTorch step's; tensors the products read or write may be bf16
+ * (dtype code 2) or fp32 (code 1), rounded to nearest even as torch rounds them.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { F32 = 1, BF16 = 2 };
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* n values of src (dtype dt) from element `at`, into dst as fp32 */
+static void load(const void *src, int dt, long at, int n, float *dst) {
+    if (dt == BF16) {
+        const uint16_t *s = (const uint16_t *)src + at;
+        for (int i = 0; i < n; i++) dst[i] = bf16_to_f32(s[i]);
+    } else {
+        memcpy(dst, (const float *)src + at, sizeof(float) * n);
+    }
+}
+
+/* n fp32 values into dst (dtype dt) from element `at` */
+static void store(const float *src, int n, void *dst, int dt, long at) {
+    if (dt == BF16) {
+        uint16_t *d = (uint16_t *)dst + at;
+        for (int i = 0; i < n; i++) d[i] = f32_to_bf16(src[i]);
+    } else {
+        memcpy((float *)dst + at, src, sizeof(float) * n);
+    }
+}
+
+/* exp(x): Cody-Waite range reduction and Cephes' degree-6 polynomial (within 2 ulp), written so that
+ * the compiler vectorises the loops that call it. */
+static inline float exp_f32(float x) {
+    x = fminf(fmaxf(x, -87.0f), 88.0f);
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+/* For each of B rows of x (B, C), fp32, updated in place: x += add (dtype add_dt; none where add_dt is
+ * 0), then out = w * (x * rsqrt(mean(x^2) + eps)) (Llama's RMSNorm), written in dtype out_dt. */
+void st_add_rms(float *x, const void *add, int add_dt, const float *w, void *out, int out_dt,
+                int B, int C, float eps, float *scratch) {
+    for (int b = 0; b < B; b++) {
+        float *xb = x + (long)b * C;
+        if (add_dt) {
+            load(add, add_dt, (long)b * C, C, scratch);
+            for (int i = 0; i < C; i++) xb[i] += scratch[i];
+        }
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int i = 0; i < C; i++) ss += xb[i] * xb[i];
+        float r = 1.0f / sqrtf(ss / (float)C + eps);
+        for (int i = 0; i < C; i++) scratch[i] = w[i] * (xb[i] * r);
+        store(scratch, C, out, out_dt, (long)b * C);
+    }
+}
+
+/* out (B, I) = silu(gu[:, :I]) * gu[:, I:] (SwiGLU after one product for gate and up), gu in dtype
+ * in_dt, out in out_dt. */
+void st_silu_mul(const void *gu, int in_dt, void *out, int out_dt, int B, int I, float *scratch) {
+    float *g = scratch, *u = scratch + I;
+    for (int b = 0; b < B; b++) {
+        load(gu, in_dt, (long)b * 2 * I, 2 * I, g);
+#pragma omp simd
+        for (int i = 0; i < I; i++) g[i] = g[i] / (1.0f + exp_f32(-g[i])) * u[i];
+        store(g, I, out, out_dt, (long)b * I);
+    }
+}
+
+/* One token per row b of a batch, after the q/k/v product r (B, H + 2K, D), in dtype r_dt:
+ *  - rotate its q and k heads at position pos[b] (tables cos and sin_signed (positions, D): rotate_half
+ *    with the first half's sign folded into sin_signed), q also multiplied by `scale`;
+ *  - write its k and v heads into slot slots[b] of the cache kv (2, S, K, T, D) at position
+ *    wpos[b * wstride];
+ *  - attend, each q head h to kv head h / (H / K), over the first `upto` positions of the slot (those
+ *    where mask (B, upto) is nonzero, or all where mask is NULL), softmax in fp32;
+ *  - write the heads' outputs to out (B, H * D) in dtype out_dt.
+ * scratch holds (H + 2K) * D + (H / K) * (T + D) floats. */
+void st_rope_attend(const void *r, int r_dt, const int64_t *pos, const float *cos, const float *sin_signed,
+                    float *kv, int S, int T, const int64_t *slots, const int64_t *wpos, int wstride,
+                    const uint8_t *mask, int upto, void *out, int out_dt,
+                    int B, int H, int K, int D, float scale, float *scratch) {
+    const int G = H / K, half = D / 2, heads = H + 2 * K;
+    float *row = scratch;                  /* (heads, D): this row's q, k, v heads */
+    float *scores = row + heads * D;       /* (G, T) */
+    float *acc = scores + (long)G * T;     /* (G, D) */
+    const long plane = (long)S * K * T * D; /* keys, then values */
+    for (int b = 0; b < B; b++) {
+        load(r, r_dt, (long)b * heads * D, heads * D, row);
+        const float *c = cos + pos[b] * D, *s = sin_signed + pos[b] * D;
+        const long slot = slots[b], at = wpos[(long)b * wstride];
+        for (int h = 0; h < H + K; h++) {
+            float *v = row + (long)h * D, rotated[D];
+            const float a = h < H ? scale : 1.0f;
+            for (int j = 0; j < D; j++) rotated[j] = v[j] * (c[j] * a) + v[j < half ? j + half : j - half] * (s[j] * a);
+            memcpy(v, rotated, sizeof(float) * D);
+        }
+        for (int kh = 0; kh < K; kh++) {
+            float *cell = kv + ((slot * K + kh) * T + at) * D;
+            memcpy(cell, row + (long)(H + kh) * D, sizeof(float) * D);
+            memcpy(cell + plane, row + (long)(H + K + kh) * D, sizeof(float) * D);
+        }
+        const uint8_t *allowed = mask ? mask + (long)b * upto : NULL;
+        for (int kh = 0; kh < K; kh++) {
+            const float *keys = kv + (slot * K + kh) * (long)T * D, *values = keys + plane;
+            const float *q = row + (long)kh * G * D;
+            for (int t = 0; t < upto; t++) {
+                const float *k = keys + (long)t * D;
+                for (int g = 0; g < G; g++) {
+                    const float *qg = q + (long)g * D;
+                    float d = 0.0f;
+#pragma omp simd reduction(+ : d)
+                    for (int j = 0; j < D; j++) d += qg[j] * k[j];
+                    scores[(long)g * T + t] = d;
+                }
+            }
+            for (int g = 0; g < G; g++) {
+                float *sg = scores + (long)g * T, m = -INFINITY, sum = 0.0f;
+                for (int t = 0; t < upto; t++)
+                    if (!allowed || allowed[t]) m = fmaxf(m, sg[t]);
+#pragma omp simd reduction(+ : sum)
+                for (int t = 0; t < upto; t++) {
+                    float e = exp_f32(sg[t] - m);
+                    e = (!allowed || allowed[t]) ? e : 0.0f;
+                    sg[t] = e;
+                    sum += e;
+                }
+                for (int t = 0; t < upto; t++) sg[t] /= sum;
+            }
+            memset(acc, 0, sizeof(float) * G * D);
+            for (int t = 0; t < upto; t++) {
+                const float *v = values + (long)t * D;
+                for (int g = 0; g < G; g++) {
+                    const float p = scores[(long)g * T + t];
+                    float *ag = acc + (long)g * D;
+#pragma omp simd
+                    for (int j = 0; j < D; j++) ag[j] += p * v[j];
+                }
+            }
+            store(acc, G * D, out, out_dt, (long)b * H * D + (long)kh * G * D);
+        }
+    }
+}

@@ -1,0 +1,246 @@
+"""styletune's decode kernels (styletune/decoding/kernels.c): each against the PyTorch arithmetic it
+replaces, the kernel step against the PyTorch step, and the fallback where no compiler is found."""
+
+import ctypes
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from styletune.decoding import fast, kernels
+from styletune.models import load_model
+
+F32, BF16 = 1, 2
+FORMATS = ["int8", "int8-dynamic", "int4", "fp16", "auto"]
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = kernels.library()
+    assert lib is not None, "the kernels must build on the machines this project tests on"
+    return lib
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_model_dirs):
+    return load_model(str(tiny_model_dirs["llama"]), device="cpu", dtype="float32")
+
+
+def _ptr(t):
+    return t.data_ptr()
+
+
+def _bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """The largest distance between two bf16 tensors in units in the last place (same-sign values)."""
+    ia, ib = a.view(torch.int16).int(), b.view(torch.int16).int()
+    return int((ia - ib).abs().max())
+
+
+@pytest.mark.parametrize("out_dt", [F32, BF16])
+@pytest.mark.parametrize("add_dt", [0, F32, BF16])
+def test_add_rms_is_llamas_rmsnorm_after_the_residual_add(lib, add_dt, out_dt):
+    torch.manual_seed(0)
+    rows, width, eps = 3, 576, 1e-5
+    x = torch.randn(rows, width) * 3
+    w = torch.randn(width)
+    add = torch.randn(rows, width).to({F32: torch.float32, BF16: torch.bfloat16}.get(add_dt, torch.float32))
+    out = torch.empty(rows, width, dtype=torch.bfloat16 if out_dt == BF16 else torch.float32)
+    want_x = x + add.float() if add_dt else x.clone()
+    want = w * (want_x * torch.rsqrt(want_x.pow(2).mean(-1, keepdim=True) + eps))
+    scratch = torch.empty(width)
+    lib.st_add_rms(_ptr(x), _ptr(add) if add_dt else None, add_dt, _ptr(w), _ptr(out), out_dt, rows, width, eps,
+                   _ptr(scratch))
+    assert torch.allclose(x, want_x, rtol=0, atol=0)  # the residual stream updated in place, exactly
+    if out_dt == F32:
+        assert torch.allclose(out, want, rtol=2e-6, atol=1e-6)
+    else:  # rounded to nearest as torch rounds: within one bf16 step of torch's rounding of the fp32 result
+        assert _bf16_ulps(out.abs(), want.to(torch.bfloat16).abs()) <= 1
+        assert (out.float().sign() == want.sign()).all()
+
+
+@pytest.mark.parametrize("in_dt,out_dt", [(F32, F32), (BF16, BF16), (BF16, F32)])
+def test_silu_mul_is_swiglus_gate(lib, in_dt, out_dt):
+    torch.manual_seed(1)
+    rows, inner = 2, 1536
+    gu = (torch.randn(rows, 2 * inner) * 6).to(torch.bfloat16 if in_dt == BF16 else torch.float32)
+    gu[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -88.5])  # saturated and zero gates
+    out = torch.empty(rows, inner, dtype=torch.bfloat16 if out_dt == BF16 else torch.float32)
+    scratch = torch.empty(2 * inner)  # held: a temporary would be freed before the call reads it
+    lib.st_silu_mul(_ptr(gu), in_dt, _ptr(out), out_dt, rows, inner, _ptr(scratch))
+    gate, up = gu.float().chunk(2, dim=-1)
+    want = F.silu(gate) * up
+    if out_dt == F32:
+        assert torch.allclose(out, want, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.allclose(out.float(), want, rtol=2 ** -8, atol=1e-6)
+    assert torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("r_dt", [F32, BF16])
+def test_rope_attend_rotates_writes_the_cache_and_attends(lib, r_dt, masked):
+    """Rows in slots 2 and 0 of a cache of 3, at positions 5 and 3, each attending over its own slot
+    (positions 0..5), with the rotation and softmax written out in PyTorch as the eager step does."""
+    torch.manual_seed(2)
+    heads, kv_heads, hd, slots_total, T, upto = 6, 2, 16, 3, 12, 6
+    group = heads // kv_heads
+    cache = torch.randn(2, slots_total, kv_heads, T, hd)
+    before = cache.clone()
+    r = torch.randn(2, heads + 2 * kv_heads, hd).to(torch.bfloat16 if r_dt == BF16 else torch.float32)
+    pos = torch.tensor([5, 3])
+    slots = torch.tensor([2, 0])
+    freqs = torch.outer(torch.arange(T, dtype=torch.float32), 1.0 / 10000 ** (torch.arange(0, hd, 2) / hd))
+    emb = torch.cat([freqs, freqs], -1)
+    cos, sin = emb.cos(), emb.sin()
+    sin_signed = torch.cat([-sin[:, :hd // 2], sin[:, hd // 2:]], -1)
+    mask = torch.ones(2, upto, dtype=torch.bool)
+    if masked:
+        mask[0, 1] = mask[1, 0] = False
+        mask[1, 4:] = False  # row 1 (position 3) sees nothing after itself
+    out = torch.empty(2, heads * hd)
+    scale, scratch = hd ** -0.5, torch.empty(1024)
+    lib.st_rope_attend(_ptr(r), r_dt, _ptr(pos), _ptr(cos), _ptr(sin_signed), _ptr(cache), slots_total, T,
+                       _ptr(slots), _ptr(pos), 1, _ptr(mask) if masked else None, upto, _ptr(out), F32,
+                       2, heads, kv_heads, hd, scale, _ptr(scratch))
+    rf = r.float()
+
+    def rotate(v, p):
+        half = torch.cat([-v[..., hd // 2:], v[..., :hd // 2]], -1)
+        return v * cos[p] + half * sin[p]
+
+    want_cache = before.clone()
+    for b in range(2):
+        p, s = int(pos[b]), int(slots[b])
+        q = rotate(rf[b, :heads], p) * scale
+        want_cache[0, s, :, p] = rotate(rf[b, heads:heads + kv_heads], p)
+        want_cache[1, s, :, p] = rf[b, heads + kv_heads:]
+        keys = want_cache[0, s, :, :upto].repeat_interleave(group, 0)  # (heads, upto, hd)
+        values = want_cache[1, s, :, :upto].repeat_interleave(group, 0)
+        scores = torch.einsum("hd,htd->ht", q, keys).masked_fill(~mask[b], float("-inf"))
+        want = torch.einsum("ht,htd->hd", torch.softmax(scores, -1), values).reshape(-1)
+        assert torch.allclose(out[b], want, rtol=1e-5, atol=1e-5), b
+    assert torch.allclose(cache, want_cache, rtol=1e-6, atol=1e-6)
+    assert torch.equal(cache[:, 1], before[:, 1])  # a slot no row decodes is untouched
+
+
+def _decoders(model, monkeypatch, **kwargs):
+    """The same decoder with the kernel step and with PyTorch's alone."""
+    with_kernels = fast.FastDecoder(model, **kwargs)
+    monkeypatch.setenv("STYLETUNE_KERNELS", "0")
+    without = fast.FastDecoder(model, **kwargs)
+    monkeypatch.delenv("STYLETUNE_KERNELS")
+    assert with_kernels._kernels is not None and without._kernels is None
+    return with_kernels, without
+
+
+@pytest.mark.parametrize("quantize", FORMATS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_the_kernel_step_is_the_pytorch_step(llama, lib, monkeypatch, quantize, padded):
+    """Eight tokens for two rows (left-padded: a mask; or not) through both steps: the same logits to
+    float rounding, and the same KV cache. fp16 keeps fp32 activations, so the two agree to fp32
+    rounding; the int formats round activations to bf16 at every product, where a sum in another
+    order can land a value one bf16 step away (2**-8 relative), so they agree to a few of those."""
+    kern, torch_step = _decoders(llama.model, monkeypatch, batch=2, max_len=16, quantize=quantize)
+    tol = 1e-5 if quantize == "fp16" else 3e-2
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]]) if padded else torch.ones(2, 3, dtype=torch.long)
+    for d in (kern, torch_step):
+        d.length = 3  # a prompt's cache: the same random keys and values in both
+        for kv in d.kv:
+            torch.manual_seed(3)
+            kv[:, :, :, :3] = torch.randn_like(kv[:, :, :, :3])
+    ids = torch.tensor([[7], [9]])
+    for step in range(8):
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+        a, b = kern.step(ids, mask), torch_step.step(ids, mask)
+        assert (a - b).abs().max() <= tol * b.abs().max(), step
+        ids = b.argmax(-1, keepdim=True)
+    for ka, kb in zip(kern.kv, torch_step.kv):
+        assert (ka - kb).abs().max() <= 10 * tol * kb.abs().max()
+
+
+def test_the_kernel_step_serves_slots_that_join_leave_and_are_not_consecutive(llama, lib, monkeypatch):
+    """A SlotDecoder's rows: slots 3 and 1 at different lengths (a mask, each row writing at its own
+    position), then slot 1 alone; logits as the PyTorch step's and as transformers' over each sequence."""
+    decs = []
+    for env in ("1", "0"):
+        monkeypatch.setenv("STYLETUNE_KERNELS", env)
+        decs.append(fast.SlotDecoder(llama.model, slots=4, max_len=32, quantize="fp16"))
+    assert decs[0]._kernels is not None and decs[1]._kernels is None
+    seqs = {3: [5, 6, 7, 8, 9], 1: [20, 21]}
+    outs = [d.prefill_rows(list(seqs), list(seqs.values())) for d in decs]
+    for step in range(5):
+        live = list(seqs) if step < 3 else [1]
+        tokens = [int(outs[1][list(seqs).index(s) if step < 3 else 0].argmax()) for s in live]
+        for s, t in zip(live, tokens):
+            seqs[s].append(t)
+        outs = [d.decode(live, tokens) for d in decs]
+        assert (outs[0] - outs[1]).abs().max() <= 1e-5 * outs[1].abs().max(), step
+        for b, s in enumerate(live):
+            with torch.no_grad():
+                ref = llama.model(torch.tensor([seqs[s]])).logits[0, -1]
+            assert (outs[0][b] - ref).abs().max() <= 5e-3 * ref.abs().max(), (step, s)
+
+
+def test_the_kernel_step_is_only_for_fused_fp32_llama_steps(llama, tiny_model_dirs, lib):
+    assert fast.FastDecoder(llama.model, batch=1, max_len=8, quantize="int8")._kernels is not None
+    assert fast.FastDecoder(llama.model, batch=1, max_len=8)._kernels is None  # exact: transformers' own arithmetic
+    gpt2 = load_model(str(tiny_model_dirs["gpt2"]), device="cpu", dtype="float32")
+    assert fast.FastDecoder(gpt2.model, batch=1, max_len=8, quantize="int8")._kernels is None
+    bf16 = load_model(str(tiny_model_dirs["llama"]), device="cpu", dtype="bfloat16")
+    assert fast.FastDecoder(bf16.model, batch=1, max_len=8, quantize="int8")._kernels is None
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """An empty kernel cache and no library loaded yet in this process."""
+    monkeypatch.setenv("STYLETUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(kernels, "_LOADED", {})
+    return tmp_path / "cache" / "kernels"
+
+
+def test_the_library_is_built_once_and_then_loaded_from_the_cache(fresh, monkeypatch):
+    assert isinstance(kernels.library(), ctypes.CDLL)
+    built = list(fresh.glob("styletune-kernels-*.so"))
+    assert len(built) == 1 and not list(fresh.glob("*.tmp"))
+    monkeypatch.setattr(kernels, "_LOADED", {})  # a new process, as far as the cache is concerned
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError("the cached library should have been loaded, not rebuilt")
+
+    monkeypatch.setattr(kernels.subprocess, "run", no_compiler)
+    assert isinstance(kernels.library(), ctypes.CDLL)
+
+
+def test_without_a_compiler_decoding_falls_back_to_pytorch_with_one_warning(fresh, monkeypatch, llama):
+    monkeypatch.setenv("CC", str(fresh / "no-such-cc"))
+    with pytest.warns(UserWarning, match="decode kernels are not available"):
+        dec = fast.FastDecoder(llama.model, batch=1, max_len=8, quantize="fp16")
+    assert dec._kernels is None
+    assert not list(fresh.glob("*")) if fresh.exists() else True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per process, not per decoder
+        again = fast.FastDecoder(llama.model, batch=1, max_len=8, quantize="fp16")
+    logits = again.step(torch.tensor([[5]]), torch.ones(1, 1, dtype=torch.long))
+    with torch.no_grad():
+        ref = llama.model(torch.tensor([[5]])).logits[0, -1]
+    assert (logits[0] - ref).abs().max() <= 5e-3 * ref.abs().max()
+
+
+def test_a_compiler_error_is_reported_and_nothing_half_built_is_left(fresh, monkeypatch, tmp_path):
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'kernels.c:1: error: this compiler refuses' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    with pytest.warns(UserWarning, match="this compiler refuses"):
+        assert kernels.library() is None
+    assert not list(fresh.iterdir())
+
+
+def test_styletune_kernels_0_turns_them_off_silently(fresh, monkeypatch, llama):
+    monkeypatch.setenv("STYLETUNE_KERNELS", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels.library() is None
+        assert fast.FastDecoder(llama.model, batch=1, max_len=8, quantize="int4")._kernels is None
+    assert not fresh.exists()
