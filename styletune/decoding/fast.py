@@ -839,7 +839,7 @@ def _attend(q, keys, values, blocked, scale):
     return torch.matmul(_cast(p, values.dtype), values)  # (B, kv heads, group, hd)
 
 
-_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu
+_INT4_MM = torch._weight_int4pack_mm_for_cpu  # the bound function: no OpOverloadPacket call in Python
 _KERNEL_DTYPES = {torch.float32: 1, torch.bfloat16: 2}  # kernels.c's dtype codes
 
 

@@ -51,10 +51,12 @@ static void store(const float *src, int n, void *dst, int dt, long at) {
 }
 
 /* exp(x): Cody-Waite range reduction and Cephes' degree-6 polynomial (within 2 ulp), written so that
- * the compiler vectorises the loops that call it. */
+ * the compiler vectorises the loops that call it (check with -fopt-info-vec). */
 static inline float exp_f32(float x) {
-    x = fminf(fmaxf(x, -87.0f), 88.0f);
-    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    x = x < -87.0f ? -87.0f : x; /* comparisons, not fminf/fmaxf: those keep loops from vectorising */
+    x = x > 88.0f ? 88.0f : x;
+    /* n = round(x / ln 2), by adding and taking away 1.5 * 2^23 (floorf would keep loops scalar) */
+    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     float r = x - n * 0.693359375f + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
@@ -63,10 +65,8 @@ static inline float exp_f32(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, 4);
-    return p * scale;
+    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
+    return p * scale.f;
 }
 
 /* For each of B rows of x (B, C), fp32, updated in place: x += add (dtype add_dt; none where add_dt is
@@ -122,11 +122,14 @@ void st_rope_attend(const void *r, int r_dt, const int64_t *pos, const float *co
         load(r, r_dt, (long)b * heads * D, heads * D, row);
         const float *c = cos + pos[b] * D, *s = sin_signed + pos[b] * D;
         const long slot = slots[b], at = wpos[(long)b * wstride];
-        for (int h = 0; h < H + K; h++) {
-            float *v = row + (long)h * D, rotated[D];
+        for (int h = 0; h < H + K; h++) { /* v * cos + rotate_half(v) * sin, in place */
+            float *v = row + (long)h * D;
             const float a = h < H ? scale : 1.0f;
-            for (int j = 0; j < D; j++) rotated[j] = v[j] * (c[j] * a) + v[j < half ? j + half : j - half] * (s[j] * a);
-            memcpy(v, rotated, sizeof(float) * D);
+            for (int j = 0; j < half; j++) {
+                const float lo = v[j], hi = v[j + half];
+                v[j] = lo * (c[j] * a) + hi * (s[j] * a);
+                v[j + half] = hi * (c[j + half] * a) + lo * (s[j + half] * a);
+            }
         }
         for (int kh = 0; kh < K; kh++) {
             float *cell = kv + ((slot * K + kh) * T + at) * D;
@@ -147,14 +150,17 @@ void st_rope_attend(const void *r, int r_dt, const int64_t *pos, const float *co
                     scores[(long)g * T + t] = d;
                 }
             }
+            if (allowed)
+                for (int t = 0; t < upto; t++)
+                    if (!allowed[t])
+                        for (int g = 0; g < G; g++) scores[(long)g * T + t] = -INFINITY;
             for (int g = 0; g < G; g++) {
                 float *sg = scores + (long)g * T, m = -INFINITY, sum = 0.0f;
-                for (int t = 0; t < upto; t++)
-                    if (!allowed || allowed[t]) m = fmaxf(m, sg[t]);
+#pragma omp simd reduction(max : m)
+                for (int t = 0; t < upto; t++) m = sg[t] > m ? sg[t] : m;
 #pragma omp simd reduction(+ : sum)
                 for (int t = 0; t < upto; t++) {
-                    float e = exp_f32(sg[t] - m);
-                    e = (!allowed || allowed[t]) ? e : 0.0f;
+                    float e = sg[t] == -INFINITY ? 0.0f : exp_f32(sg[t] - m);
                     sg[t] = e;
                     sum += e;
                 }
