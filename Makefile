@@ -15,7 +15,7 @@ LLAMACPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16
 # The browser tests drive Debian's Chromium (Playwright uses it in place of a browser download).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install browser demo test test-llamacpp bench clean
+.PHONY: install browser compiler demo test test-llamacpp bench clean
 
 install: $(STAMP)
 
@@ -35,7 +35,13 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends chromium; }
 
-test: install browser
+# The decode kernels (styletune/decoding/kernels.c) are built by the system's C compiler; styletune
+# decodes without them where there is none, but the tests check them, so `make test` installs one.
+compiler:
+	@command -v "$${CC:-cc}" >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends gcc libc6-dev; }
+
+test: install browser compiler
 	$(BIN)/python -m pytest -q
 
 # Opt-in: exported GGUF files against llama.cpp itself (builds llama-cpp-python, ~10-20 min the first time).

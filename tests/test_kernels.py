@@ -244,3 +244,17 @@ def test_styletune_kernels_0_turns_them_off_silently(fresh, monkeypatch, llama):
         assert kernels.library() is None
         assert fast.FastDecoder(llama.model, batch=1, max_len=8, quantize="int4")._kernels is None
     assert not fresh.exists()
+
+
+def test_the_compiler_is_one_that_is_installed(monkeypatch):
+    """Python's own compiler may be one this machine lacks (Debian's ``x86_64-linux-gnu-gcc``): the
+    next installed one is taken; with none at all, the error says what to do."""
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(kernels.sysconfig, "get_config_var", lambda name: "no-such-gcc -pthread")
+    found = kernels._compiler()
+    assert found[0] in ("cc", "gcc", "clang") and kernels.shutil.which(found[0])
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
+    with pytest.raises(OSError, match="no C compiler found"):
+        kernels._compiler()
+    monkeypatch.setenv("CC", "gcc -O1")  # $CC is taken as it is, arguments and all
+    assert kernels._compiler() == ["gcc", "-O1"]

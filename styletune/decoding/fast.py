@@ -43,7 +43,7 @@ in decode steps of up to ``LOW_RANK_MAX_ROWS`` rows (beyond, the merged weights 
 
 Every format but exact runs the Llama step's work between its products (norms, rotation, the KV
 cache write, attention, the SwiGLU gate) in styletune's own C kernels (:mod:`.kernels`,
-:class:`_KernelStep`): four calls a layer where PyTorch makes about forty operations, each costing
+:class:`_KernelStep`): four calls a layer where PyTorch makes about 35 operations, each costing
 more to dispatch than to compute at one token per row. The exact step stays on PyTorch's operations,
 transformers' own arithmetic, token for token.
 """
@@ -862,7 +862,7 @@ class _KernelStep:
     """The Llama step of a decoder whose layers are fused (every ``--quantize`` format), in fp32 on
     CPU, with the work between its products done by styletune's kernels (:mod:`.kernels`): per layer
     four calls into ``kernels.c`` (norm, rotation + cache write + attention, residual add + norm, SwiGLU
-    gate) and the layer's four products, where the PyTorch step makes about forty operations. The
+    gate) and the layer's four products, where the PyTorch step makes about 35 operations. The
     arithmetic is the PyTorch step's, to float rounding (sums in another order, exp within 2 ulp):
     tested against it, and against exact, in the tests and the bench's perplexity rows.
 

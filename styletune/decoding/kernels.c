@@ -1,7 +1,7 @@
 /* styletune's CPU kernels for the work of a decode step between its matrix products.
  *
  * At one token per row, the norms, the rotation, attention and the SwiGLU gate of a 135M model are a
- * few thousand floats each: PyTorch spends far longer dispatching them (about forty operations per
+ * few thousand floats each: PyTorch spends far longer dispatching them (about 35 operations per
  * layer, a few microseconds each) than computing them. These do each group of them in one call, on
  * the step's own buffers (see kernels.py, which builds this file on first use with the system's C
  * compiler, for this machine, and fast.py, whose step calls it).

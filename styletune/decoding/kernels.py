@@ -1,17 +1,17 @@
 """styletune's own CPU kernels (``kernels.c``) for the decode step's work between its products.
 
 At one token per row the eager step spends more time dispatching PyTorch operations than reading
-weights: on the bundled SmolLM2, about forty small operations per layer (norms, rotation, attention,
-the SwiGLU gate, dtype casts), a few microseconds each, against four matrix products. ``kernels.c``
-does each group of them in one call over the step's own preallocated buffers; the products stay
-PyTorch's (int4, fp16, int8). See ``fast._KernelStep`` for where the step uses them and the bench
-(``decode_kernels_off``) for what they buy.
+weights: on the bundled SmolLM2, about 35 small operations per layer (norms, rotation, attention, the
+SwiGLU gate, dtype casts), a few microseconds each, around four matrix products. ``kernels.c`` does
+each group of them in one call over the step's own preallocated buffers; the products stay
+PyTorch's (int4, fp16, int8). See ``fast._KernelStep`` for where the step uses them, and the bench
+(``styletune_generate_b1_no_kernels``) for what they buy.
 
-The file is compiled on first use by the system's C compiler (``$CC``, else Python's, else ``cc``),
-for this machine's CPU (``-march=native``), into ``<cache>/kernels/``, keyed by the source, the
-command and the CPU, and loaded with ctypes; later processes load it in milliseconds. Where there
-is no compiler, or ``STYLETUNE_KERNELS=0``, the step runs on PyTorch operations alone: slower, the
-same arithmetic to float rounding.
+The file is compiled on first use by the system's C compiler (``$CC``, else Python's, ``cc``, ``gcc``
+or ``clang``), for this machine's CPU (``-march=native``), into ``<cache>/kernels/``, keyed by the
+source, the command and the CPU, and loaded with ctypes; later processes load it in milliseconds.
+Where there is no compiler, or ``STYLETUNE_KERNELS=0``, the step runs on PyTorch operations alone:
+slower, the same arithmetic to float rounding.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import hashlib
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sysconfig
 import tempfile
@@ -47,8 +48,14 @@ def enabled() -> bool:
 
 
 def _compiler() -> list[str]:
-    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
-    return shlex.split(cc)
+    """``$CC`` where set; else the first of Python's own compiler, ``cc``, ``gcc`` and ``clang`` that is
+    installed (Python's may name one this machine lacks, as Debian's ``x86_64-linux-gnu-gcc``)."""
+    if os.environ.get("CC"):
+        return shlex.split(os.environ["CC"])
+    for cc in (sysconfig.get_config_var("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(shlex.split(cc)[0]):
+            return shlex.split(cc)
+    raise OSError("no C compiler found (set CC, or install one: Debian's gcc)")
 
 
 def _cpu() -> str:
