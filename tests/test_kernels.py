@@ -124,6 +124,20 @@ def test_rope_attend_rotates_writes_the_cache_and_attends(lib, r_dt, masked):
     assert torch.equal(cache[:, 1], before[:, 1])  # a slot no row decodes is untouched
 
 
+@pytest.mark.parametrize("x_dt,y_dt", [(F32, BF16), (BF16, F32)])
+def test_low_rank_adds_a_lora_update_to_the_base_product(lib, x_dt, y_dt):
+    torch.manual_seed(4)
+    rows, n_in, rank, n_out = 2, 96, 12, 80
+    dtypes = {F32: torch.float32, BF16: torch.bfloat16}
+    x, y = torch.randn(rows, n_in).to(dtypes[x_dt]), torch.randn(rows, n_out).to(dtypes[y_dt])
+    a_t, b_t = torch.randn(n_in, rank), torch.randn(rank, n_out) * 0.1
+    out, scratch = torch.empty(rows, n_out), torch.empty(n_in + rank)
+    lib.st_low_rank(_ptr(x), x_dt, _ptr(a_t), _ptr(b_t), _ptr(y), y_dt, _ptr(out), rows, n_in, rank, n_out,
+                    _ptr(scratch))
+    want = y.float() + (x.float() @ a_t) @ b_t
+    assert torch.allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
 def _decoders(model, monkeypatch, **kwargs):
     """The same decoder with the kernel step and with PyTorch's alone."""
     with_kernels = fast.FastDecoder(model, **kwargs)

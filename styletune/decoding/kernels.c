@@ -180,3 +180,27 @@ void st_rope_attend(const void *r, int r_dt, const int64_t *pos, const float *co
         }
     }
 }
+
+/* A LoRA-tuned projection after its base product: out (B, N), fp32, = y + (x @ a_t) @ b_t, where y (B, N)
+ * is the base product (dtype y_dt), x (B, In) its input (dtype x_dt), and a_t (In, R), b_t (R, N) the
+ * update's two factors, fp32. scratch holds In + R floats. */
+void st_low_rank(const void *x, int x_dt, const float *a_t, const float *b_t, const void *y, int y_dt,
+                 float *out, int B, int In, int R, int N, float *scratch) {
+    float *xr = scratch, *t = scratch + In;
+    for (int b = 0; b < B; b++) {
+        load(x, x_dt, (long)b * In, In, xr);
+        memset(t, 0, sizeof(float) * R);
+        for (int i = 0; i < In; i++) {
+            const float xi = xr[i], *a = a_t + (long)i * R;
+#pragma omp simd
+            for (int r = 0; r < R; r++) t[r] += xi * a[r];
+        }
+        float *o = out + (long)b * N;
+        load(y, y_dt, (long)b * N, N, o);
+        for (int r = 0; r < R; r++) {
+            const float tr = t[r], *row = b_t + (long)r * N;
+#pragma omp simd
+            for (int n = 0; n < N; n++) o[n] += tr * row[n];
+        }
+    }
+}

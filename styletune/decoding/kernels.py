@@ -40,6 +40,7 @@ _SIGNATURES = {
     "st_add_rms": [_P, _P, _I, _P, _P, _I, _I, _I, _F, _P],
     "st_silu_mul": [_P, _I, _P, _I, _I, _I, _P],
     "st_rope_attend": [_P, _I, _P, _P, _P, _P, _I, _I, _P, _P, _I, _P, _I, _P, _I, _I, _I, _I, _I, _F, _P],
+    "st_low_rank": [_P, _I, _P, _P, _P, _I, _P, _I, _I, _I, _I, _P],
 }
 
 
