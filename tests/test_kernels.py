@@ -77,13 +77,18 @@ def test_silu_mul_is_swiglus_gate(lib, in_dt, out_dt):
     assert torch.isfinite(out.float()).all()
 
 
+# (heads, kv heads, head size): the general code, and the shapes kernels.c compiles as constants
+HEADS = [(6, 2, 16), (9, 3, 64), (12, 3, 64), (4, 2, 64), (16, 4, 128), (6, 3, 128)]
+
+
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("r_dt", [F32, BF16])
-def test_rope_attend_rotates_writes_the_cache_and_attends(lib, r_dt, masked):
+@pytest.mark.parametrize("heads,kv_heads,hd", HEADS)
+def test_rope_attend_rotates_writes_the_cache_and_attends(lib, r_dt, masked, heads, kv_heads, hd):
     """Rows in slots 2 and 0 of a cache of 3, at positions 5 and 3, each attending over its own slot
     (positions 0..5), with the rotation and softmax written out in PyTorch as the eager step does."""
     torch.manual_seed(2)
-    heads, kv_heads, hd, slots_total, T, upto = 6, 2, 16, 3, 12, 6
+    slots_total, T, upto = 3, 12, 6
     group = heads // kv_heads
     cache = torch.randn(2, slots_total, kv_heads, T, hd)
     before = cache.clone()
@@ -99,7 +104,7 @@ def test_rope_attend_rotates_writes_the_cache_and_attends(lib, r_dt, masked):
         mask[0, 1] = mask[1, 0] = False
         mask[1, 4:] = False  # row 1 (position 3) sees nothing after itself
     out = torch.empty(2, heads * hd)
-    scale, scratch = hd ** -0.5, torch.empty(1024)
+    scale, scratch = hd ** -0.5, torch.empty((heads + 2 * kv_heads) * hd + heads // kv_heads * (T + hd))
     lib.st_rope_attend(_ptr(r), r_dt, _ptr(pos), _ptr(cos), _ptr(sin_signed), _ptr(cache), slots_total, T,
                        _ptr(slots), _ptr(pos), 1, _ptr(mask) if masked else None, upto, _ptr(out), F32,
                        2, heads, kv_heads, hd, scale, _ptr(scratch))

@@ -109,10 +109,11 @@ void st_silu_mul(const void *gu, int in_dt, void *out, int out_dt, int B, int I,
  *    where mask (B, upto) is nonzero, or all where mask is NULL), softmax in fp32;
  *  - write the heads' outputs to out (B, H * D) in dtype out_dt.
  * scratch holds (H + 2K) * D + (H / K) * (T + D) floats. */
-void st_rope_attend(const void *r, int r_dt, const int64_t *pos, const float *cos, const float *sin_signed,
-                    float *kv, int S, int T, const int64_t *slots, const int64_t *wpos, int wstride,
-                    const uint8_t *mask, int upto, void *out, int out_dt,
-                    int B, int H, int K, int D, float scale, float *scratch) {
+static inline __attribute__((always_inline)) void
+rope_attend(const void *r, int r_dt, const int64_t *pos, const float *cos, const float *sin_signed,
+            float *kv, int S, int T, const int64_t *slots, const int64_t *wpos, int wstride,
+            const uint8_t *mask, int upto, void *out, int out_dt,
+            int B, int H, int K, int D, float scale, float *scratch) {
     const int G = H / K, half = D / 2, heads = H + 2 * K;
     float *row = scratch;                  /* (heads, D): this row's q, k, v heads */
     float *scores = row + heads * D;       /* (G, T) */
@@ -179,6 +180,24 @@ void st_rope_attend(const void *r, int r_dt, const int64_t *pos, const float *co
             store(acc, G * D, out, out_dt, (long)b * H * D + (long)kh * G * D);
         }
     }
+}
+
+/* The head size and the query heads per KV head as constants where they are the common ones, so that
+ * the compiler unrolls and vectorises the loops over them without remainders: about half the time of
+ * the general code for SmolLM2's heads (64 wide, 3 per KV head), measured in a C harness. */
+void st_rope_attend(const void *r, int r_dt, const int64_t *pos, const float *cos, const float *sin_signed,
+                    float *kv, int S, int T, const int64_t *slots, const int64_t *wpos, int wstride,
+                    const uint8_t *mask, int upto, void *out, int out_dt,
+                    int B, int H, int K, int D, float scale, float *scratch) {
+#define ROPE_ATTEND(h, d) rope_attend(r, r_dt, pos, cos, sin_signed, kv, S, T, slots, wpos, wstride, mask, upto, \
+                                      out, out_dt, B, h, K, d, scale, scratch)
+    if (D == 64 && H == 3 * K) ROPE_ATTEND(3 * K, 64);
+    else if (D == 64 && H == 4 * K) ROPE_ATTEND(4 * K, 64);
+    else if (D == 64) ROPE_ATTEND(H, 64);
+    else if (D == 128 && H == 4 * K) ROPE_ATTEND(4 * K, 128);
+    else if (D == 128) ROPE_ATTEND(H, 128);
+    else ROPE_ATTEND(H, D);
+#undef ROPE_ATTEND
 }
 
 /* A LoRA-tuned projection after its base product: out (B, N), fp32, = y + (x @ a_t) @ b_t, where y (B, N)
