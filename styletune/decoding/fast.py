@@ -796,7 +796,7 @@ class FastDecoder:
         fixed shapes). Row b is the sequence in cache slot b, or in ``slots[b]`` (continuous batching;
         ``rows``, the same slots as a slice where they are consecutive). ``where``: the one position
         every row writes at; None: row b writes at ``pos[b]``."""
-        if self._kernels is not None and upto is not None:
+        if self._kernels is not None:  # (never for a compiled step, whose shapes are fixed: upto None)
             return self._kernels(self.layers, self.head, input_ids, pos, where, mask, upto, slots)
         arch = self.arch
         b, nq, nkv, hd = input_ids.shape[0], self.n_heads, self.n_kv, self.head_dim
@@ -909,7 +909,7 @@ class _KernelStep:
         group = n_heads // n_kv
         self.scratch = torch.empty(max(2 * self.inter, self.hidden,
                                        (n_heads + 2 * n_kv) * head_dim + group * (self.max_len + head_dim)))
-        self._keep = decoder.kv, arch.cos, arch.sin_signed  # what the pointers below point into
+        self._kv = decoder.kv  # the tensors self.kv points into
         self._plans: dict[int, tuple] = {}
         self._buffers: dict[int, dict] = {}
 
@@ -953,7 +953,7 @@ class _KernelStep:
         cos, sin = arch.cos.data_ptr(), arch.sin_signed.data_ptr()
         wpos, wstride = (pos.data_ptr(), 1) if where is None else (where.data_ptr(), 0)
         maskp = None if mask is None else mask.data_ptr()
-        y, add, add_code = None, None, 0
+        add, add_code = None, 0  # the last layer's down product, added by the next norm's call
         for kv, (ln1, qkv_code, qkv, o_code, o, ln2, gu_code, gate_up, down_code, down) in zip(self.kv, plan):
             h, hp = bufs["h", qkv_code]
             lib.st_add_rms(xp, add, add_code, ln1, hp, qkv_code, b, hidden, eps, scratch)
