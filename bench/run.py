@@ -911,64 +911,34 @@ def _llamacpp_greedy(s: Settings, gguf: str, what: str) -> dict:
     }
 
 
-# One side of ``b1_alternating_llamacpp``, in a process of its own: after a warm-up call, the best
-# tokens/s of two 128-token greedy calls from PROMPT. argv: side, model, gguf, threads, tokens.
-_SIDE = r"""
-import sys, time
-side, model, gguf, threads, tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-prompt = "Once upon a time"
-if side == "styletune":
-    import torch
-    torch.set_num_threads(threads)
-    from styletune.config import DecodingConfig
-    from styletune.decoding.engine import generate
-    from styletune.models import load_model
-    lm = load_model(model, device="cpu", dtype="auto", quantize="auto")
-    cfg = DecodingConfig(greedy=True, max_new_tokens=tokens, stop_at_eos=False)
-    def call():
-        return len(generate(lm, [prompt], cfg)[0].token_ids)
-else:
-    from llama_cpp import Llama
-    llm = Llama(model_path=gguf, n_threads=threads, n_ctx=512, seed=0, verbose=False)
-    eos = llm.token_eos()
-    def call():
-        out = llm(prompt, max_tokens=tokens, temperature=0.0, top_k=1, logit_bias={eos: -1e9})
-        return out["usage"]["completion_tokens"]
-call()
-best = 0.0
-for _ in range(2):
-    t0 = time.perf_counter()
-    n = call()
-    best = max(best, n / (time.perf_counter() - t0))
-print(best)
-"""
-
-
 def measure_b1_alternating_llamacpp(s: Settings) -> dict:
-    """styletune's default flags against llama.cpp on the Q4_1 GGUF, in processes that alternate
-    (``ALTERNATIONS`` of each, one after the other; in each, a warm-up call, then the best of two
-    128-token greedy calls from ``PROMPT``, as many threads as the torch rows): the ratio of the
-    median tokens/s. The rows ``styletune_generate_b1`` and ``llamacpp_b1`` run a minute or more apart,
-    and on these shared CPUs a neighbour's load changes within that; alternating processes a few
-    seconds long meet the same load. (Not both in one process: there llama.cpp ran 10-15% slower than
-    alone, beside a loaded torch, which would flatter styletune.)"""
+    """The rows ``styletune_generate_b1`` (the default flags) and ``llamacpp_b1`` (the Q4_1 GGUF), each
+    in its usual child process, alternating (``ALTERNATIONS`` of each): the ratio of the median tokens/s.
+    In a bench run those two rows run a minute or more apart, and on these shared CPUs a neighbour's
+    load changes within that; processes that alternate, seconds long, meet the same load. (Not both in
+    one process: there llama.cpp ran 10-15% slower than alone, beside a loaded torch, which would
+    flatter styletune.)"""
     if s.gguf is None:
         return {"skipped": f"no GGUF for --model {s.model}"}
     if importlib.util.find_spec("llama_cpp") is None:
         return {"skipped": "llama-cpp-python not installed"}
     import statistics
 
-    threads = s.threads or os.cpu_count()
-    ours, theirs = [], []
+    work = Path(s.workdir)
+    ctx = work / "ctx.json"  # the settings this child was started with (written by the parent)
+    rows = {"styletune_generate_b1": [], "llamacpp_b1": []}
     for _ in range(ALTERNATIONS):
-        for side, into in (("styletune", ours), ("llamacpp", theirs)):
-            out = subprocess.run([sys.executable, "-c", _SIDE, side, s.styletune_model, s.gguf, str(threads),
-                                  str(s.new_tokens)], capture_output=True, text=True, check=True, cwd=ROOT)
-            into.append(float(out.stdout.strip().splitlines()[-1]))
+        for name, values in rows.items():
+            result = run_child(name, ctx, 600, work / f"alternating-{name}.log")
+            if "failed" in result:
+                raise RuntimeError(f"{name}: {result['failed']}")
+            values.append(result["value"])
+    ours, theirs = rows.values()
     a, b = statistics.median(ours), statistics.median(theirs)
+    threads = s.threads or os.cpu_count()
     return {
         "value": a / b, "unit": "x llama.cpp (median tokens/s, alternating processes)",
-        "timing": f"{ALTERNATIONS} processes each, alternating; in each, 1 warm-up call, best of 2",
+        "timing": f"{ALTERNATIONS} processes of each row, alternating (each: its warm-up call, best of {s.repeats})",
         "notes": f"default flags {a:.1f} tokens/s against llama.cpp's {b:.1f} (Q4_1 GGUF, {threads} thread(s) each); "
                  f"per process styletune {', '.join(f'{x:.0f}' for x in ours)}, "
                  f"llama.cpp {', '.join(f'{x:.0f}' for x in theirs)}",
