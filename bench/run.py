@@ -795,21 +795,36 @@ def _decode_floor(s: Settings, rows: int) -> dict:
     lm = load_model(s.styletune_model, device="cpu", dtype="auto", quantize="auto")
     dec = fast.FastDecoder(lm.model, batch=rows, max_len=8, quantize=lm.quantize)
     calls = []
+    kinds = set()
 
-    def recorder(proj):
+    def recorder(proj, fn=None):
+        kinds.add(type(proj).__name__.lstrip("_"))
+        fn = fn or proj
+
         def call(x):
-            # the dtype the kernel reads (the int kernels cast to bf16 first; fp16's FBGEMM takes fp32)
-            calls.append((proj, x.to(torch.bfloat16) if isinstance(proj, (fast._Int4Linear, fast._Int8Linear))
+            # the dtype the kernel reads (PyTorch's int kernels cast to bf16 first; fp16's FBGEMM takes fp32)
+            calls.append((fn, x.to(torch.bfloat16) if fn is proj and isinstance(proj, (fast._Int4Linear, fast._Int8Linear))
                           else x.clone()))
-            return proj(x)
+            return fn(x)
         return call
 
-    # copies of the per-layer dicts: the model's cached weights stay unwrapped
-    dec.layers = [{k: recorder(v) if callable(v) else v for k, v in layer.items()} for layer in dec.layers]
-    dec.head = recorder(dec.head)
+    if dec._kernels is not None:
+        # the kernel step: the product functions its plan calls (styletune's int kernels where it has them)
+        steps, (head_code, head_fn) = dec._kernels._plan(dec.layers, dec.head)
+        wrapped = []
+        for L, step in zip(dec.layers, steps):
+            step = list(step)
+            for i, name in ((2, "qkv"), (4, "o"), (7, "gate_up"), (9, "down")):
+                step[i] = recorder(L[name], step[i])
+            wrapped.append(tuple(step))
+        dec._kernels._plans[id(dec.layers)] = (dec.layers, dec.head, wrapped, (head_code, recorder(dec.head, head_fn)))
+    else:
+        # copies of the per-layer dicts: the model's cached weights stay unwrapped
+        dec.layers = [{k: recorder(v) if callable(v) else v for k, v in layer.items()} for layer in dec.layers]
+        dec.head = recorder(dec.head)
     ids = torch.zeros(rows, 1, dtype=torch.long)
     dec.step(ids, torch.ones(rows, 1, dtype=torch.long))
-    kinds = sorted({type(p).__name__.lstrip("_") for p, _ in calls})
+    kinds = sorted(kinds)
     tokens = s.new_tokens
 
     @torch.inference_mode()

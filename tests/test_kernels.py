@@ -143,6 +143,122 @@ def test_low_rank_adds_a_lora_update_to_the_base_product(lib, x_dt, y_dt):
     assert torch.allclose(out, want, rtol=1e-5, atol=1e-5)
 
 
+# styletune's int4 and int8 products (AVX-512 VNNI builds only: elsewhere PyTorch's kernels run)
+int_products = pytest.mark.skipif(fast._int_kernels() is None, reason="this CPU has no AVX-512 VNNI")
+
+
+def _activations(x: torch.Tensor, passes: int):
+    """The kernels' int8 activations, written out: per group of 32 inputs, codes q = round(x / d) with
+    d = max|x| / 127 (ties to even), a second pass the same of what the first leaves; and the group's
+    exact sum. Returns ([(codes, scales) per pass], sums)."""
+    g = x.float().unflatten(-1, (-1, 32))
+    sums, runs = g.sum(-1), []
+    for _ in range(passes):
+        amax = g.abs().amax(-1)
+        q = torch.round(g * torch.where(amax > 0, 127 / amax, 0)[..., None])
+        runs.append((q, amax / 127))
+        g = g - q * (amax / 127)[..., None]
+    return runs, sums
+
+
+def _grid_matrix(rows: int, n_in: int, bits: int, seed: int):
+    """A matrix on a GGUF grid, as a model dequantised from Q4_1 (bits 4) or Q8_0 (bits 8) holds, with fp16
+    scales: (weight, codes, scales, centers or None)."""
+    torch.manual_seed(seed)
+    groups = (rows, n_in // 32)
+    scale = (torch.rand(groups) * 0.02 + 0.001).half().float()
+    if bits == 4:
+        q = torch.randint(0, 16, (rows, n_in))
+        q[:, ::32], q[:, 1::32] = 0, 15  # each group spans the grid, as Q4_1's quantiser leaves it
+        zero = (torch.randn(groups) * 0.01).half().float()
+        w = (q.float().unflatten(1, (-1, 32)) - 8) * scale[..., None] + zero[..., None]
+        return w.flatten(1), q, scale, zero
+    q = torch.randint(-127, 128, (rows, n_in))
+    q[:, ::32] = 127  # each group's largest |q| is 127, as Q8_0's quantiser leaves it
+    return (q.float().unflatten(1, (-1, 32)) * scale[..., None]).flatten(1), q, scale, None
+
+
+def _int_mm(lib, bits, packed, x, n_in, n_out, threads=1, passes=2):
+    y = torch.empty(x.shape[0], n_out)
+    scratch = fast._int_scratch(x.shape[0], n_in)
+    mm = lib.st_q4_mm if bits == 4 else lib.st_q8_mm
+    mm(_ptr(x), F32 if x.dtype == torch.float32 else BF16, _ptr(packed[0]), _ptr(packed[1]), _ptr(y), x.shape[0],
+       n_in, n_out, _ptr(scratch), threads, passes)
+    return y
+
+
+@int_products
+@pytest.mark.parametrize("passes", [1, 2])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+def test_int_products_are_their_formula_with_int8_activations(lib, bits, rows, passes):
+    """y = sum over passes and groups of scale * d * (sum q * qx - offset * sum qx) (+ center * the exact sum
+    for int4), checked against that formula written out in PyTorch; 80 output rows (tiles of 4 blocks and
+    one left over), 96 inputs (3 groups). Against the exact product of the same weights, one pass of int8
+    activations costs about 0.5% (as llama.cpp's Q8 activations), two (what fast.py takes) about 1e-5."""
+    n_out, n_in = 80, 96
+    w, q, scale, zero = _grid_matrix(n_out, n_in, bits, seed=rows)
+    packed = fast._pack_int4(q, scale, zero) if bits == 4 else fast._pack_int8(q, scale)
+    x = torch.randn(rows, n_in) * 2
+    x[0, :32] = 0  # a group of zeros: scale 0, codes 0
+    y = _int_mm(lib, bits, packed, x, n_in, n_out, passes=passes)
+    runs, sums = _activations(x, passes)
+    qw = q.float().unflatten(1, (-1, 32)) - (8 if bits == 4 else 0)  # (out, groups, 32)
+    want = sum((torch.einsum("bgi,ogi->bog", qx, qw) * d[:, None, :] * scale[None]).sum(-1) for qx, d in runs)
+    if bits == 4:
+        want += (zero[None] * sums[:, None, :]).sum(-1)
+    # (a second-pass code may round the other way where the compiler fuses the remainder's multiply and
+    # subtract: one such code moves a sum by about 3e-4 here)
+    assert torch.allclose(y, want, rtol=1e-5, atol=1e-5 if passes == 1 else 1e-3), float((y - want).abs().max())
+    exact = x @ w.t()
+    assert float((y - exact).norm() / exact.norm()) < (1e-2 if passes == 1 else 1e-4)
+    assert torch.equal(_int_mm(lib, bits, packed, x, n_in, n_out, threads=2, passes=passes), y)  # rows shared out
+    xb = x.to(torch.bfloat16)  # bf16 inputs: read as their fp32 values
+    assert torch.equal(_int_mm(lib, bits, packed, xb, n_in, n_out), _int_mm(lib, bits, packed, xb.float(), n_in, n_out))
+
+
+@int_products
+def test_the_int_formats_take_the_matrices_on_their_grids(lib):
+    """``--quantize auto`` keeps a Q4_1-grid matrix in int4 (styletune's layout beside PyTorch's) and a
+    Q8_0-grid one in int8 (the bundled model's tied embedding head), each through styletune's kernel;
+    a matrix on neither grid stays fp16."""
+    w4, *_ = _grid_matrix(64, 96, 4, seed=7)
+    w8, q8, scale8, _ = _grid_matrix(64, 96, 8, seed=8)
+    off = torch.randn(64, 96) * 0.02
+    four, eight, neither = (fast._int4_grid_fp16(w) for w in (w4, w8, off))
+    assert isinstance(four, fast._Int4Linear) and four.packed is not None
+    assert isinstance(eight, fast._Int8Grid) and isinstance(neither, fast._Fp16Linear)
+    codes, scales = fast._int8_grid(w8)
+    assert torch.equal(codes.long(), q8) and torch.allclose(scales, scale8)  # the GGUF's codes and scales
+    assert fast._int8_grid(off) is None and fast._int8_grid(w8[:, :80]) is None  # off the grid; not whole groups
+    x = torch.randn(3, 96)
+    for proj, w in ((eight, w8), (fast._Int8Grid(fast._int8_grid(w8), bias=torch.ones(64)), w8)):
+        want = x @ w.t() + (0 if proj.bias is None else proj.bias)
+        assert float((proj(x) - want).norm() / want.norm()) < 1e-4
+
+
+def test_without_vnni_the_library_has_no_int_products(tmp_path):
+    """A build for a CPU without AVX-512 VNNI (x86-64-v3: AVX2) says so, and fast.py then keeps PyTorch's
+    int4 kernel and FBGEMM's fp16 (PyTorch's layout only, no int8 head)."""
+    import platform
+    import subprocess
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("an x86-64 build")
+    out = tmp_path / "k.so"
+    subprocess.run([*kernels._compiler(), *kernels.FLAGS, "-march=x86-64-v3", str(kernels.SOURCE), "-o", str(out),
+                    "-lm"], check=True)
+    assert ctypes.CDLL(str(out)).st_int_products() == 0
+
+
+def test_without_int_products_the_formats_are_pytorchs(monkeypatch):
+    monkeypatch.setattr(fast, "_int_kernels", lambda: None)
+    w4, *_ = _grid_matrix(64, 96, 4, seed=7)
+    w8, *_ = _grid_matrix(64, 96, 8, seed=8)
+    four, eight = fast._int4_grid_fp16(w4), fast._int4_grid_fp16(w8)
+    assert isinstance(four, fast._Int4Linear) and four.packed is None and isinstance(eight, fast._Fp16Linear)
+
+
 def _decoders(model, monkeypatch, **kwargs):
     """The same decoder with the kernel step and with PyTorch's alone."""
     with_kernels = fast.FastDecoder(model, **kwargs)

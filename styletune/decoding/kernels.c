@@ -223,3 +223,192 @@ void st_low_rank(const void *x, int x_dt, const float *a_t, const float *b_t, co
         }
     }
 }
+
+/* ---- Products of group-wise int4 and int8 matrices with int8 activations ----
+ *
+ * A weight matrix (N, In) in groups of 32 inputs, each with an fp16 scale s (and for int4 a center z):
+ * int4 w = (q - 8) * s + z, q in 0..15 (the grid of a Q4_0/Q4_1 GGUF, as fast._int4_groups reads it);
+ * int8 w = q * s, q in -127..127 (Q8_0's). Each input row is quantised per group of 32 to int8, x ~ qx * d
+ * with d = max|x| / 127 (llama.cpp's Q8 activations), so that each group's dot product is one run of
+ * integer multiply-adds (AVX-512 VNNI: 64 a instruction); the int4 center is applied to the exact sum.
+ * Per 16 output rows ("a block", one vector of 16 sums), the codes are interleaved so that one 64-byte
+ * load holds 4 consecutive inputs of each of the 16 rows: int4 codes, a byte holding inputs c..c+3 in
+ * its low nibbles and c+4..c+7 in its high ones (so 8 inputs a load); int8 codes stored as q + 128.
+ * Scales (and centers) are per block and group: 16 fp16 scales, then for int4 16 fp16 centers.
+ * fast._QuantizedRows packs them (pack_int4, pack_int8) and documents the layout in PyTorch terms.
+ */
+#define QGROUP 32
+
+/* A row's int8 activations: per group of 32 inputs, `passes` (1 or 2) runs of codes q_p with scales d_p and
+ * the codes' sums, x ~ q_0 * d_0 + q_1 * d_1 (the second pass, where taken, the first's remainder: about
+ * 15 bits in all, finer than the bf16 inputs of PyTorch's int4 kernel), and the group's exact sum. */
+typedef struct {
+    int8_t *q[2];
+    float *d[2], *qsum[2], *xs;
+} acts_t;
+
+static void quantize_rows(const void *x, int x_dt, int B, int In, int passes, const acts_t *a, float *row) {
+    const int G = In / QGROUP;
+    for (int b = 0; b < B; b++) {
+        load(x, x_dt, (long)b * In, In, row);
+        for (int g = 0; g < G; g++) {
+            float *v = row + g * QGROUP, sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int i = 0; i < QGROUP; i++) sum += v[i];
+            a->xs[(long)b * G + g] = sum;
+            for (int p = 0; p < passes; p++) { /* v: then the remainder of the first pass */
+                float amax = 0.0f;
+#pragma omp simd reduction(max : amax)
+                for (int i = 0; i < QGROUP; i++) {
+                    const float m = v[i] < 0 ? -v[i] : v[i];
+                    amax = m > amax ? m : amax;
+                }
+                const float d = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+                int8_t *q = a->q[p] + (long)b * In + g * QGROUP;
+                int isum = 0;
+#pragma omp simd reduction(+ : isum)
+                for (int i = 0; i < QGROUP; i++) { /* round to nearest even, as exp_f32's trick */
+                    const int c = (int)((v[i] * inv + 12582912.0f) - 12582912.0f);
+                    q[i] = (int8_t)c;
+                    isum += c;
+                    v[i] -= (float)c * d;
+                }
+                a->d[p][(long)b * G + g] = d;
+                a->qsum[p][(long)b * G + g] = (float)isum;
+            }
+        }
+    }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define INT_PRODUCTS 1
+
+static inline __m512i bcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+/* RB blocks from `blk` (16 * RB output rows) times NR input rows (from row j0), PASSES runs of activation
+ * codes: RB * NR * PASSES * 2 independent integer sums, so that the multiply-adds do not wait on each
+ * other. bits is 4 or 8. */
+static inline __attribute__((always_inline)) void
+int_tile(const uint8_t *codes, const uint16_t *sc, const acts_t *a, long j0, float *y, int In, int N, long blk,
+         const int RB, const int NR, const int PASSES, const int bits) {
+    const int G = In / QGROUP, per = bits == 4 ? 8 : 4, loads = QGROUP / per; /* inputs per load, loads per group */
+    const long block_bytes = (long)In / per * 64, sc_stride = bits == 4 ? 32 : 16;
+    const float offset = bits == 4 ? 8.0f : 128.0f; /* int4 codes are q, int8 ones q + 128 */
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    __m512 acc[4][4];
+    for (int r = 0; r < RB; r++)
+        for (int j = 0; j < NR; j++) acc[r][j] = _mm512_setzero_ps();
+    for (int g = 0; g < G; g++) {
+        __m512i s[4][4][2][2];
+        for (int r = 0; r < RB; r++)
+            for (int j = 0; j < NR; j++)
+                for (int p = 0; p < PASSES; p++) s[r][j][p][0] = s[r][j][p][1] = _mm512_setzero_si512();
+        for (int c = 0; c < loads; c++) {
+            for (int r = 0; r < RB; r++) {
+                const uint8_t *at = codes + (blk + r) * block_bytes + ((long)g * loads + c) * 64;
+                /* the next tile's line: the weights stream from memory, once a token */
+                _mm_prefetch((const char *)(at + RB * block_bytes), _MM_HINT_T0);
+                const __m512i w = _mm512_loadu_si512(at);
+                const __m512i lo = bits == 4 ? _mm512_and_si512(w, m4) : w;
+                const __m512i hi = bits == 4 ? _mm512_and_si512(_mm512_srli_epi16(w, 4), m4) : w;
+                for (int j = 0; j < NR; j++)
+                    for (int p = 0; p < PASSES; p++) {
+                        const int8_t *xp = a->q[p] + (j0 + j) * In + g * QGROUP + c * per;
+                        if (bits == 4) {
+                            s[r][j][p][0] = _mm512_dpbusd_epi32(s[r][j][p][0], lo, bcast4(xp));
+                            s[r][j][p][1] = _mm512_dpbusd_epi32(s[r][j][p][1], hi, bcast4(xp + 4));
+                        } else {
+                            s[r][j][p][c & 1] = _mm512_dpbusd_epi32(s[r][j][p][c & 1], w, bcast4(xp));
+                        }
+                    }
+            }
+        }
+        for (int r = 0; r < RB; r++) {
+            const uint16_t *p16 = sc + ((blk + r) * G + g) * sc_stride;
+            _mm_prefetch((const char *)(p16 + RB * G * sc_stride), _MM_HINT_T0);
+            const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p16));
+            for (int j = 0; j < NR; j++) {
+                const long jg = (j0 + j) * G + g;
+                for (int p = 0; p < PASSES; p++) { /* (sum(codes * qx) - offset * sum(qx)) * scale * d */
+                    const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(s[r][j][p][0], s[r][j][p][1]));
+                    const __m512 centered = _mm512_sub_ps(dot, _mm512_set1_ps(offset * a->qsum[p][jg]));
+                    acc[r][j] = _mm512_fmadd_ps(centered, _mm512_mul_ps(scale, _mm512_set1_ps(a->d[p][jg])), acc[r][j]);
+                }
+                if (bits == 4) { /* + center * the exact sum */
+                    const __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p16 + 16)));
+                    acc[r][j] = _mm512_fmadd_ps(z, _mm512_set1_ps(a->xs[jg]), acc[r][j]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < RB; r++)
+        for (int j = 0; j < NR; j++) _mm512_storeu_ps(y + (j0 + j) * N + (blk + r) * 16, acc[r][j]);
+}
+
+/* Input rows j0..j0+nr-1 (nr <= 4), all N outputs. Tile shapes: one row over 4 blocks, two over 2, three
+ * or four over 1; the tiles shared out among `threads` OpenMP threads (where built with -fopenmp: torch's
+ * own libgomp, already loaded, so the threads are the ones PyTorch's operations use). */
+static inline __attribute__((always_inline)) void
+int_rows(const uint8_t *codes, const uint16_t *sc, const acts_t *a, long j0, int nr, float *y, int In, int N,
+         int threads, const int PASSES, const int bits) {
+    const long blocks = N / 16, rb = nr == 1 ? 4 : nr == 2 ? 2 : 1, tiles = blocks / rb;
+    const long count = tiles + (blocks - tiles * rb); /* then the blocks left over, one at a time */
+    (void)threads;
+#pragma omp parallel for num_threads(threads) if (threads > 1 && count > 1) schedule(static)
+    for (long t = 0; t < count; t++) {
+        const long blk = t < tiles ? t * rb : tiles * rb + (t - tiles);
+#define TILE(rb, n) int_tile(codes, sc, a, j0, y, In, N, blk, rb, n, PASSES, bits)
+        if (t < tiles && nr == 1) TILE(4, 1);
+        else if (t < tiles && nr == 2) TILE(2, 2);
+        else if (nr == 1) TILE(1, 1);
+        else if (nr == 2) TILE(1, 2);
+        else if (nr == 3) TILE(1, 3);
+        else TILE(1, 4);
+#undef TILE
+    }
+}
+
+static void int_mm(const void *x, int x_dt, const uint8_t *codes, const uint16_t *sc, float *y,
+                   int B, int In, int N, void *scratch, int threads, int passes, const int bits) {
+    const long BG = (long)B * (In / QGROUP);
+    float *f = (float *)scratch, *row = f + 5 * BG;
+    int8_t *q = (int8_t *)(row + In);
+    const acts_t a = {{q, q + (long)B * In}, {f, f + BG}, {f + 2 * BG, f + 3 * BG}, f + 4 * BG};
+    passes = passes == 2 ? 2 : 1;
+    quantize_rows(x, x_dt, B, In, passes, &a, row);
+    for (long j = 0; j < B; j += 4) {
+        const int nr = B - j < 4 ? (int)(B - j) : 4;
+        if (passes == 2) int_rows(codes, sc, &a, j, nr, y, In, N, threads, 2, bits);
+        else int_rows(codes, sc, &a, j, nr, y, In, N, threads, 1, bits);
+    }
+}
+#else
+#define INT_PRODUCTS 0
+static void int_mm(const void *x, int x_dt, const uint8_t *codes, const uint16_t *sc, float *y,
+                   int B, int In, int N, void *scratch, int threads, int passes, const int bits) {
+    (void)x, (void)x_dt, (void)codes, (void)sc, (void)y, (void)B, (void)In, (void)N, (void)scratch, (void)threads,
+        (void)passes, (void)bits;
+}
+#endif
+
+/* 1 where this build has the products below (x86-64 with AVX-512 VNNI), 0 where they do nothing
+ * (fast.py then keeps PyTorch's kernels). */
+int st_int_products(void) { return INT_PRODUCTS; }
+
+/* y (B, N) fp32 = x (B, In) (dtype x_dt) @ W.T for an int4 (st_q4_mm) or int8 (st_q8_mm) W as laid out
+ * above, with `passes` (1 or 2) runs of int8 activation codes, on up to `threads` threads; N a multiple
+ * of 16, In of 32. scratch holds 5 * B * In / 32 + In floats and 2 * B * In bytes. */
+void st_q4_mm(const void *x, int x_dt, const uint8_t *codes, const uint16_t *sc, float *y, int B, int In, int N,
+              void *scratch, int threads, int passes) {
+    int_mm(x, x_dt, codes, sc, y, B, In, N, scratch, threads, passes, 4);
+}
+
+void st_q8_mm(const void *x, int x_dt, const uint8_t *codes, const uint16_t *sc, float *y, int B, int In, int N,
+              void *scratch, int threads, int passes) {
+    int_mm(x, x_dt, codes, sc, y, B, In, N, scratch, threads, passes, 8);
+}

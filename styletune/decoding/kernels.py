@@ -41,7 +41,11 @@ _SIGNATURES = {
     "st_silu_mul": [_P, _I, _P, _I, _I, _I, _P],
     "st_rope_attend": [_P, _I, _P, _P, _P, _P, _I, _I, _P, _P, _I, _P, _I, _P, _I, _I, _I, _I, _I, _F, _P],
     "st_low_rank": [_P, _I, _P, _P, _P, _I, _P, _I, _I, _I, _I, _P],
+    "st_q4_mm": [_P, _I, _P, _P, _P, _I, _I, _I, _P, _I, _I],
+    "st_q8_mm": [_P, _I, _P, _P, _P, _I, _I, _I, _P, _I, _I],
+    "st_int_products": [],
 }
+_RETURNS = {"st_int_products": _I}
 
 
 def enabled() -> bool:
@@ -71,7 +75,8 @@ def _cpu() -> str:
 def _build(cache: Path) -> Path:
     source = SOURCE.read_bytes()
     cc = _compiler()
-    for arch in (["-march=native"], []):  # some compilers (Apple's on arm64) take no -march=native
+    # some compilers take no -march=native (Apple's on arm64) or no -fopenmp (Apple's clang): then without
+    for arch in (["-march=native", "-fopenmp"], ["-march=native"], ["-fopenmp"], []):
         command = [*cc, *FLAGS, *arch]
         key = hashlib.sha256(b"\0".join([source, " ".join(command).encode(), _cpu().encode()])).hexdigest()[:20]
         target = cache / f"styletune-kernels-{key}.so"
@@ -105,7 +110,7 @@ def library() -> ctypes.CDLL | None:
                 lib = ctypes.CDLL(str(_build(cache_root() / "kernels")))
                 for name, argtypes in _SIGNATURES.items():
                     fn = getattr(lib, name)
-                    fn.argtypes, fn.restype = argtypes, None
+                    fn.argtypes, fn.restype = argtypes, _RETURNS.get(name)
             except (OSError, subprocess.SubprocessError) as exc:
                 warnings.warn(f"styletune's decode kernels are not available ({exc}); decoding with PyTorch "
                               "operations alone (slower)", stacklevel=2)
