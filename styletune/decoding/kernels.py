@@ -3,12 +3,16 @@
 At one token per row the eager step spends more time dispatching PyTorch operations than reading
 weights: on the bundled SmolLM2, about 35 small operations per layer (norms, rotation, attention, the
 SwiGLU gate, dtype casts), a few microseconds each, around four matrix products. ``kernels.c`` does
-each group of them in one call over the step's own preallocated buffers; the products stay
-PyTorch's (int4, fp16, int8). See ``fast._KernelStep`` for where the step uses them, and the bench
-(``styletune_generate_b1_no_kernels``) for what they buy.
+each group of them in one call over the step's own preallocated buffers. Where the CPU has AVX-512
+VNNI, it also has products of int4 and int8 matrices in styletune's own layout (``st_q4_mm``,
+``st_q8_mm``, with int8 activations; ``fast._int_kernels``); elsewhere the products stay PyTorch's
+(int4, fp16, int8). See ``fast._KernelStep`` for where the step uses them, and the bench
+(``styletune_generate_b1_no_kernels``, ``decode_floor_b1``) for what they buy.
 
 The file is compiled on first use by the system's C compiler (``$CC``, else Python's, ``cc``, ``gcc``
-or ``clang``), for this machine's CPU (``-march=native``), into ``<cache>/kernels/``, keyed by the
+or ``clang``), for this machine's CPU (``-march=native``) and with OpenMP (``-fopenmp``: GCC's libgomp,
+which resolves to the copy PyTorch has already loaded, so the products share PyTorch's threads and
+follow ``torch.set_num_threads``), into ``<cache>/kernels/``, keyed by the
 source, the command and the CPU, and loaded with ctypes; later processes load it in milliseconds.
 Where there is no compiler, or ``STYLETUNE_KERNELS=0``, the step runs on PyTorch operations alone:
 slower, the same arithmetic to float rounding.
