@@ -222,6 +222,10 @@ class _Int4Linear:
         return y if self.bias is None else y + self.bias
 
 
+# Passes of int8 activation codes in styletune's int products: one (llama.cpp's Q8 activations) moved the
+# bundled model's perplexity on the tests' passage by +1.1%, two (the first's remainder quantised again:
+# about 15 bits) by less than 0.01%, at about 4% more time a token at one row, where the products wait on
+# memory, and twice the products' time at eight rows, where they wait on the multiply-adds.
 INT_PASSES = 2
 
 
@@ -283,11 +287,11 @@ def _int_scratch(rows: int, n_in: int) -> torch.Tensor:
 class _Int8Grid:
     """A matrix on Q8_0's 8-bit grid (:func:`_int8_grid`) in int8 with fp16 group scales, nothing lost but
     the scales' rounding (to the fp16 they were in the GGUF), through styletune's int8 kernel
-    (``st_q8_mm``) with the input quantised to int8 per group of 32, as llama.cpp computes a Q8_0
-    product. Built only where that kernel is (:func:`_int_kernels`): AVX-512 VNNI.
+    (``st_q8_mm``) with the input quantised to int8 per group of 32 (``INT_PASSES`` times), as llama.cpp
+    computes a Q8_0 product (once). Built only where that kernel is (:func:`_int_kernels`): AVX-512 VNNI.
 
     SmolLM2's 49152x576 output head, the largest matrix of the bundled model: half fp16's bytes
-    (measured on a 2-core AMD EPYC, one thread, one row: 1.48 ms against FBGEMM fp16's 2.79 ms)."""
+    (measured on a 2-core AMD EPYC, one thread, one row, one pass: 1.48 ms against FBGEMM fp16's 2.79 ms)."""
 
     def __init__(self, grid, bias: torch.Tensor | None = None):
         q, scale = grid
@@ -300,7 +304,9 @@ class _Int8Grid:
         y = torch.empty(x.shape[0], self.rows)
         codes, scales = self.packed
         scratch = _int_scratch(x.shape[0], self.n_in)  # held here: freed only after the call
-        _int_kernels().st_q8_mm(x.data_ptr(), 1, codes.data_ptr(), scales.data_ptr(), y.data_ptr(), x.shape[0],
+        from . import kernels
+
+        kernels.loaded().st_q8_mm(x.data_ptr(), 1, codes.data_ptr(), scales.data_ptr(), y.data_ptr(), x.shape[0],
                                 self.n_in, self.rows, scratch.data_ptr(), torch.get_num_threads(), INT_PASSES)
         return y if self.bias is None else y + self.bias
 
@@ -956,7 +962,9 @@ def _kernel_product(P, lib, reuse: bool = True):  # noqa: N803 - a projection, a
     its input, a check of its rows): the step writes its input in bf16 directly. A LoRA-tuned one
     (:class:`_Int4LowRank`) takes its input in fp32 and adds its update in one kernel call after the
     base product (in an A/B on the demo run, 128 greedy tokens, medians of eight: 10.5 against 11.1
-    ms a token at one thread with the update as PyTorch operations, 8.3 against 9.0 at two)."""
+    ms a token at one thread with the update as PyTorch operations, 8.3 against 9.0 at two). Where a
+    matrix has a copy for styletune's int kernels (``packed``), that copy's product runs instead, from
+    fp32 input (:func:`_int_product`)."""
     base = P.base if type(P) is _Int4LowRank else P
     if type(base) in (_Int4Linear, _Int8Grid) and base.bias is None and base.packed is not None and base.rows % 16 == 0:
         return _int_product(P, base, lib, reuse)
@@ -1026,7 +1034,8 @@ class _KernelStep:
     tested against it, and against exact, in the tests and the bench's perplexity rows.
 
     Buffers are allocated once per row count and reused every token; the products' inputs are
-    written in the dtype each kernel reads (bf16 for int4), so no cast runs between them."""
+    written in the dtype each kernel reads (bf16 for PyTorch's int4, fp32 for styletune's int kernels
+    and the rest), so no cast runs between them."""
 
     @staticmethod
     def build(decoder, model):

@@ -101,6 +101,12 @@ def _build(cache: Path) -> Path:
     raise OSError(f"{' '.join(cc)} could not build {SOURCE.name}: {error}")
 
 
+def loaded() -> ctypes.CDLL | None:
+    """The library as this process loaded it, if it has, whatever ``STYLETUNE_KERNELS`` says now: for the
+    weight copies made for its kernels while it was on."""
+    return _LOADED.get("lib")
+
+
 def library() -> ctypes.CDLL | None:
     """The kernels, built and loaded once per process; None where disabled or not buildable (with a
     warning saying why)."""
