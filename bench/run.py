@@ -846,7 +846,7 @@ def _decode_floor(s: Settings, rows: int) -> dict:
 
 # What a resolved --quantize auto format stores (a model with no matrix on the 4-bit grid, GPT-2's,
 # reads every one in the second format).
-_FORMAT_MEANING = {"int4-fp16": ": int4 on the 4-bit grid, fp16 off it",
+_FORMAT_MEANING = {"int4-fp16": ": int4 on the 4-bit grid, int8 on Q8_0's (with styletune's int kernels), fp16 off both",
                    "int4-grid": ": int4 on the 4-bit grid, int8 off it", "fp16": ": fp16 throughout"}
 
 

@@ -49,7 +49,7 @@ VNNI (:func:`_int_kernels`), the kernel step also runs the int4 products and, fo
 output head on Q8_0's 8-bit grid (:class:`_Int8Grid`) in styletune's own integer kernels: the
 input quantised to int8 per group of 32 in two passes (the second, the first's remainder: about 15
 bits, finer than the bf16 input of PyTorch's int4 kernel), multiply-adds of 64 int8 pairs an
-instruction, about 4x PyTorch's int4 kernel on a matrix in cache, and bound by memory once the
+instruction, over 3x PyTorch's int4 kernel on a matrix in cache, and bound by memory once the
 weights stream (the bench's ``decode_floor_b1``). The exact step stays on PyTorch's operations,
 transformers' own arithmetic, token for token.
 """
@@ -195,8 +195,8 @@ class _Int4Linear:
 
     Where styletune's int kernels are built (:func:`_int_kernels`), the same codes are also kept in their
     layout (``packed``, :func:`_pack_int4`, fp16 scales and centers), and the kernel step reads that
-    copy: measured on a 2-core AMD EPYC, one thread, one row, a matrix in cache, 3072x576 in 19 us
-    against PyTorch's 97 us, 960x576 in 8 us against 33. PyTorch's copy stays for the steps that cannot
+    copy: measured on a 2-core AMD EPYC, one thread, one row, a matrix in cache, 3072x576 in 29 us (23 with
+    one pass of int8 input) against PyTorch's 97 us. PyTorch's copy stays for the steps that cannot
     call a C function (``--compile``'s package, GPT-2's and bf16 models' PyTorch step): about 66 MB more
     for the bundled model.
     """
