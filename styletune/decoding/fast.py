@@ -260,7 +260,7 @@ def _int8_grid(weight: torch.Tensor):
         return None
     codes, scales = [], []
     for start in range(0, weight.shape[0], 4096):  # in slices: the temporaries stay small
-        g = weight[start:start + 4096].detach().float().unflatten(1, (-1, INT4_GROUP))
+        g = weight[start:start + 4096].detach().float().reshape(-1, weight.shape[1] // INT4_GROUP, INT4_GROUP)
         scale = g.abs().amax(-1) / 127
         q = torch.round(g / scale.clamp(min=1e-30)[..., None])
         if float(((q * scale[..., None] - g).abs().amax(-1) / scale.clamp(min=1e-30)).max()) > _ON_GRID:
