@@ -212,8 +212,10 @@ class _Int4Linear:
         # (in/group, out, 2): the layout the kernel reads
         self.scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(torch.bfloat16)
         self.bias = bias
-        # the same codes laid out for styletune's int4 kernel, which the kernel step calls where it is built
-        self.packed = _pack_int4(q, scale, zero) if weight.device.type == "cpu" and _int_kernels() else None
+        # the same codes laid out for styletune's int4 kernel, which the kernel step (fp32 models on CPU) calls
+        # where it is built
+        fp32_cpu = weight.dtype == torch.float32 and weight.device.type == "cpu"
+        self.packed = _pack_int4(q, scale, zero) if fp32_cpu and _int_kernels() else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.weight, INT4_GROUP, self.scale_zero)
