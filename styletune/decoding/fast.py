@@ -167,14 +167,20 @@ _ON_GRID = 1e-3
 def _grid_groups(weight: torch.Tensor):
     """The int4 codes, scales and offsets of a matrix that is on a 4-bit grid (see
     :func:`on_int4_grid`), or None for one that is not."""
+    return _on_grid(weight, _int4_groups)
+
+
+def _on_grid(weight: torch.Tensor, groups):
+    """``groups(weight)`` without its last part (each group's largest error in units of its scale) where
+    every group of ``INT4_GROUP`` inputs is on the grid that ``groups`` reads, else None."""
     if not int4_fits(weight):
         return None
     parts = []
     for start in range(0, weight.shape[0], 4096):  # in slices: the temporaries stay small
-        *groups, err = _int4_groups(weight[start:start + 4096])
+        *codes, err = groups(weight[start:start + 4096])
         if float(err.max()) > _ON_GRID:
             return None
-        parts.append(groups)
+        parts.append(codes)
     return tuple(torch.cat(p) for p in zip(*parts))
 
 
@@ -254,22 +260,27 @@ def _pack_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
     return codes, sc.to(torch.float16).contiguous()
 
 
+def _int8_groups(weight: torch.Tensor, group: int = INT4_GROUP):
+    """Symmetric 8-bit codes per group of ``group`` inputs, as Q8_0's: (q int8 (out, in) in -127..127,
+    scale (out, in/group) = max|w| / 127, the largest reconstruction error of each group in units of
+    its scale)."""
+    n, k = weight.shape
+    g = weight.detach().float().reshape(n, k // group, group)
+    scale = g.abs().amax(-1) / 127
+    safe = scale.clamp(min=1e-30)[..., None]
+    q = torch.round(g / safe)
+    err = ((q * scale[..., None] - g).abs() / safe).amax(-1)
+    return q.to(torch.int8).reshape(n, k), scale, err
+
+
 def _int8_grid(weight: torch.Tensor):
     """(codes int8 (out, in) in -127..127, scales (out, in/32)) for a matrix on Q8_0's grid (every group of
     32 inputs is q * scale with scale = max|w| / 127: the weights of a model dequantised from a Q8_0 GGUF,
-    as the bundled SmolLM2's tied embedding), or None for one that is not."""
-    if weight.dim() != 2 or weight.shape[0] % 16 or not int4_fits(weight):
+    as the bundled SmolLM2's tied embedding), or None for one that is not (or whose rows are not a
+    multiple of 16, the int8 kernel's blocks)."""
+    if weight.dim() != 2 or weight.shape[0] % 16:
         return None
-    codes, scales = [], []
-    for start in range(0, weight.shape[0], 4096):  # in slices: the temporaries stay small
-        g = weight[start:start + 4096].detach().float().reshape(-1, weight.shape[1] // INT4_GROUP, INT4_GROUP)
-        scale = g.abs().amax(-1) / 127
-        q = torch.round(g / scale.clamp(min=1e-30)[..., None])
-        if float(((q * scale[..., None] - g).abs().amax(-1) / scale.clamp(min=1e-30)).max()) > _ON_GRID:
-            return None
-        codes.append(q.to(torch.int8).flatten(1))
-        scales.append(scale)
-    return torch.cat(codes), torch.cat(scales)
+    return _on_grid(weight, _int8_groups)
 
 
 def _pack_int8(q: torch.Tensor, scale: torch.Tensor):
@@ -968,14 +979,14 @@ def _kernel_product(P, lib, reuse: bool = True):  # noqa: N803 - a projection, a
     matrix has a copy for styletune's int kernels (``packed``), that copy's product runs instead, from
     fp32 input (:func:`_int_product`)."""
     base = P.base if type(P) is _Int4LowRank else P
-    if type(base) in (_Int4Linear, _Int8Grid) and base.bias is None and base.packed is not None and base.rows % 16 == 0:
-        return _int_product(P, base, lib, reuse)
-    if not (type(base) is _Int4Linear and base.bias is None and base.rows % 16 == 0):
+    if not (type(base) in (_Int4Linear, _Int8Grid) and base.bias is None and base.rows % 16 == 0):
         def product(x):
             y = P(x)
             return y if y.dtype in _KERNEL_DTYPES and y.is_contiguous() else y.float().contiguous()
 
         return 1, product
+    if base.packed is not None:  # (an _Int8Grid always has it)
+        return _int_product(P, base, lib, reuse)
     weight, scale_zero = base.weight, base.scale_zero
     if base is P:
         return 2, lambda x: _INT4_MM(x, weight, INT4_GROUP, scale_zero)
