@@ -1,6 +1,8 @@
 """The lean Llama decode step: same logits as transformers, and the int8 variant close to them.
 (GPT-2's, on the same decoders: tests/test_fast_gpt2.py.)"""
 
+import copy
+
 import pytest
 import torch
 
@@ -394,15 +396,23 @@ def _on_q4_1_grid(model):
     return model
 
 
-def test_auto_format_follows_the_cpu(monkeypatch):
-    """``--quantize auto`` stores fp16 where torch's CPU kernels run at AVX2 only, int4 on the 4-bit
-    grid and fp16 elsewhere on AVX-512 CPUs; a compiled step's layers are int4 on the grid and int8
-    elsewhere, and its head as eager auto's; without FBGEMM int4 on the grid and int8 elsewhere,
-    whatever this machine is."""
+def test_auto_format_follows_the_cpu(llama, monkeypatch):
+    """``--quantize auto`` stores int4 on the 4-bit grid and fp16 elsewhere on AVX-512 CPUs, and on AVX2
+    CPUs for a model whose kernel step runs styletune's int products (a Llama in fp32 on CPU), fp16
+    throughout for any other there; a compiled step's layers are int4 on the grid and int8 elsewhere, and
+    its head as eager auto's; without FBGEMM int4 on the grid and int8 elsewhere, whatever this machine
+    is."""
+    bf16 = copy.deepcopy(llama.model).to(torch.bfloat16)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert fast.auto_format() == "fp16" and fast.auto_format(compile=True) == "int4-grid-fp16-head"
+    monkeypatch.setattr(fast, "_int_kernels", lambda: object())  # a build with the int products
+    assert fast.auto_format(model=llama.model) == "int4-fp16"
+    assert fast.auto_format() == fast.auto_format(model=bf16) == "fp16"
+    assert fast.auto_format(compile=True, model=llama.model) == "int4-grid-fp16-head"
+    monkeypatch.setattr(fast, "_int_kernels", lambda: None)  # without them (or STYLETUNE_KERNELS=0)
+    assert fast.auto_format(model=llama.model) == "fp16" and fast.auto_format(compile=True) == "int4-grid-fp16-head"
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert fast.auto_format() == "int4-fp16" and fast.auto_format(compile=True) == "int4-grid-fp16-head"
+    assert fast.auto_format() == fast.auto_format(model=bf16) == "int4-fp16"
+    assert fast.auto_format(compile=True) == "int4-grid-fp16-head"
     for cpu in ("AVX2", "AVX512"):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: cpu)
         monkeypatch.setattr(fast, "has_fp16_kernel", lambda: False)  # an Arm build: no FBGEMM
@@ -417,9 +427,10 @@ def test_fp16_without_fbgemm_is_a_clear_error(llama, monkeypatch):
 
 
 def test_auto_on_avx2_stores_fp16(llama, monkeypatch):
-    """On an AVX2 CPU ``auto`` is fp16 throughout (fp16's logits are checked against transformers'
-    in ``test_step_logits_match_transformers`` and the slot tests)."""
+    """On an AVX2 CPU without styletune's int products ``auto`` is fp16 throughout (fp16's logits are
+    checked against transformers' in ``test_step_logits_match_transformers`` and the slot tests)."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(fast, "_int_kernels", lambda: None)
     dec = fast.SlotDecoder(llama.model, slots=1, max_len=16, quantize="auto")
     assert dec.quantize == "fp16"
     assert isinstance(dec.layers[0]["qkv"], fast._Fp16Linear) and isinstance(dec.head, fast._Fp16Linear)
@@ -458,7 +469,7 @@ def test_auto_stores_int4_only_where_it_loses_nothing(llama, monkeypatch):
     assert isinstance(dec.layers[0]["qkv"], fast._Int8Linear) and isinstance(dec.head, fast._Int8Linear)
 
 
-@pytest.mark.parametrize("cpu", ["AVX2", "AVX512"])  # auto is fp16 on the first, int4 on the second
+@pytest.mark.parametrize("cpu", ["AVX2", "AVX512"])  # int4 on both where the int products are built
 def test_auto_greedy_text_on_a_4bit_model_is_the_exact_text(train_model_dirs, cpu, monkeypatch):
     """On a model whose weights are on the 4-bit grid (larger weights, so that the next-token
     distributions are peaked rather than near-uniform), the default (auto) decodes the same greedy

@@ -143,8 +143,40 @@ def test_low_rank_adds_a_lora_update_to_the_base_product(lib, x_dt, y_dt):
     assert torch.allclose(out, want, rtol=1e-5, atol=1e-5)
 
 
-# styletune's int4 and int8 products (AVX-512 VNNI builds only: elsewhere PyTorch's kernels run)
-int_products = pytest.mark.skipif(fast._int_kernels() is None, reason="this CPU has no AVX-512 VNNI")
+# styletune's int4 and int8 products: built for AVX-512 VNNI or AVX2 (elsewhere PyTorch's kernels run)
+int_products = pytest.mark.skipif(fast._int_kernels() is None, reason="this CPU has neither AVX-512 VNNI nor AVX2")
+
+
+def _build(tmp_path, arch: str):
+    """kernels.c built for another x86-64 level (``-march=...``), with OpenMP, loaded with its signatures."""
+    import platform
+    import subprocess
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("an x86-64 build")
+    out = tmp_path / f"kernels-{arch}.so"
+    subprocess.run([*kernels._compiler(), *kernels.FLAGS, f"-march={arch}", "-fopenmp", str(kernels.SOURCE),
+                    "-o", str(out), "-lm"], check=True)
+    built = ctypes.CDLL(str(out))
+    for name, argtypes in kernels._SIGNATURES.items():
+        fn = getattr(built, name)
+        fn.argtypes, fn.restype = argtypes, kernels._RETURNS.get(name)
+    return built
+
+
+@pytest.fixture(scope="module", params=["native", "x86-64-v3"])
+def int_lib(request, lib, tmp_path_factory):
+    """The int products as this machine's build has them, and the AVX2 ones (an x86-64-v3 build) where that
+    build has AVX-512 VNNI's: both kinds of tile are checked on every machine that can run them."""
+    if request.param == "native":
+        if not lib.st_int_products():
+            pytest.skip("this CPU has neither AVX-512 VNNI nor AVX2")
+        return lib
+    if lib.st_int_products() != 512:
+        pytest.skip("this machine's own build is the AVX2 one (or has no int products)")
+    built = _build(tmp_path_factory.mktemp("avx2"), "x86-64-v3")
+    assert built.st_int_products() == 256
+    return built
 
 
 def _activations(x: torch.Tensor, passes: int):
@@ -187,11 +219,10 @@ def _int_mm(lib, bits, packed, x, n_in, n_out, threads=1, passes=2):
     return y
 
 
-@int_products
 @pytest.mark.parametrize("passes", [1, 2])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
-def test_int_products_are_their_formula_with_int8_activations(lib, bits, rows, passes):
+def test_int_products_are_their_formula_with_int8_activations(int_lib, bits, rows, passes):
     """y = sum over passes and groups of scale * d * (sum q * qx - offset * sum qx) (+ center * the exact sum
     for int4), checked against that formula written out in PyTorch; 80 output rows (tiles of 4 blocks and
     one left over), 96 inputs (3 groups). Against the exact product of the same weights, one pass of int8
@@ -201,7 +232,7 @@ def test_int_products_are_their_formula_with_int8_activations(lib, bits, rows, p
     packed = fast._pack_int4(q, scale, zero) if bits == 4 else fast._pack_int8(q, scale)
     x = torch.randn(rows, n_in) * 2
     x[0, :32] = 0  # a group of zeros: scale 0, codes 0
-    y = _int_mm(lib, bits, packed, x, n_in, n_out, passes=passes)
+    y = _int_mm(int_lib, bits, packed, x, n_in, n_out, passes=passes)
     runs, sums = _activations(x, passes)
     qw = q.float().unflatten(1, (-1, 32)) - (8 if bits == 4 else 0)  # (out, groups, 32)
     want = sum((torch.einsum("bgi,ogi->bog", qx, qw) * d[:, None, :] * scale[None]).sum(-1) for qx, d in runs)
@@ -212,9 +243,9 @@ def test_int_products_are_their_formula_with_int8_activations(lib, bits, rows, p
     assert torch.allclose(y, want, rtol=1e-5, atol=1e-5 if passes == 1 else 1e-3), float((y - want).abs().max())
     exact = x @ w.t()
     assert float((y - exact).norm() / exact.norm()) < (1e-2 if passes == 1 else 1e-4)
-    assert torch.equal(_int_mm(lib, bits, packed, x, n_in, n_out, threads=2, passes=passes), y)  # rows shared out
+    assert torch.equal(_int_mm(int_lib, bits, packed, x, n_in, n_out, threads=2, passes=passes), y)  # rows shared out
     xb = x.to(torch.bfloat16)  # bf16 inputs: read as their fp32 values
-    assert torch.equal(_int_mm(lib, bits, packed, xb, n_in, n_out), _int_mm(lib, bits, packed, xb.float(), n_in, n_out))
+    assert torch.equal(_int_mm(int_lib, bits, packed, xb, n_in, n_out), _int_mm(int_lib, bits, packed, xb.float(), n_in, n_out))
 
 
 @int_products
@@ -237,18 +268,15 @@ def test_the_int_formats_take_the_matrices_on_their_grids(lib):
         assert float((proj(x) - want).norm() / want.norm()) < 1e-4
 
 
-def test_without_vnni_the_library_has_no_int_products(tmp_path):
-    """A build for a CPU without AVX-512 VNNI (x86-64-v3: AVX2) says so, and fast.py then keeps PyTorch's
-    int4 kernel and FBGEMM's fp16 (PyTorch's layout only, no int8 head)."""
-    import platform
-    import subprocess
-
-    if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("an x86-64 build")
-    out = tmp_path / "k.so"
-    subprocess.run([*kernels._compiler(), *kernels.FLAGS, "-march=x86-64-v3", str(kernels.SOURCE), "-o", str(out),
-                    "-lm"], check=True)
-    assert ctypes.CDLL(str(out)).st_int_products() == 0
+def test_the_library_says_which_int_products_it_has(tmp_path):
+    """st_int_products is the products' vector width: 256 in a build for AVX2 (x86-64-v3), 0 in one for a
+    CPU without it (x86-64-v2: no products, and fast.py keeps PyTorch's int4 kernel and FBGEMM's fp16),
+    and for this machine's build what its CPU has."""
+    assert _build(tmp_path, "x86-64-v3").st_int_products() == 256
+    assert _build(tmp_path, "x86-64-v2").st_int_products() == 0
+    flags = set(kernels._cpu().split())
+    want = 512 if {"avx512f", "avx512bw", "avx512_vnni"} <= flags else 256 if {"avx2", "fma", "f16c"} <= flags else 0
+    assert kernels.library().st_int_products() == want
 
 
 def test_without_int_products_the_formats_are_pytorchs(monkeypatch):

@@ -448,21 +448,31 @@ def has_fp16_kernel() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
-def auto_format(compile: bool = False) -> str:
-    """What ``--quantize auto`` stores on this machine, keeping nothing but float rounding from exact
-    where the model allows: ``"fp16"`` where torch's CPU kernels run at AVX2 (no AVX-512: the int4 and
-    int8 kernels are slower than FBGEMM's fp16 there, see :class:`_Fp16Linear`); elsewhere
-    ``"int4-fp16"``, int4 for matrices already on a 4-bit grid (the fastest kernel on AVX-512) and fp16
-    for the rest. A torch without FBGEMM takes ``"int4-grid"``, int8 in place of fp16 (perplexity within
-    1% of exact, ``make bench``'s ``quant_quality`` rows). A compiled step (``compile``) takes
-    ``"int4-grid-fp16-head"``: the layers as ``"int4-grid"`` (FBGEMM's packed weights are not tensors,
-    and AOTInductor cannot take them as inputs), the output head as ``"int4-fp16"`` stores it, an fp16 one
-    run after the package."""
+def auto_format(compile: bool = False, model=None) -> str:
+    """What ``--quantize auto`` stores on this machine (for ``model``, where given), keeping nothing but
+    float rounding from exact where the model allows: ``"int4-fp16"``, int4 for matrices already on a
+    4-bit grid and fp16 (or int8 on Q8_0's grid, :func:`_int8_grid_fp16`) for the rest, on AVX-512 CPUs
+    and wherever the kernel step runs styletune's int products (:func:`_int_products_step`: on AVX2
+    too); ``"fp16"`` throughout where torch's CPU kernels run at AVX2 and PyTorch's int4 kernel would
+    run (slower than FBGEMM's fp16 there, see :class:`_Fp16Linear`). A torch without FBGEMM takes
+    ``"int4-grid"``, int8 in place of fp16 (perplexity within 1% of exact, ``make bench``'s
+    ``quant_quality`` rows). A compiled step (``compile``) takes ``"int4-grid-fp16-head"``: the layers
+    as ``"int4-grid"`` (FBGEMM's packed weights are not tensors, and AOTInductor cannot take them as
+    inputs), the output head as ``"int4-fp16"`` stores it, an fp16 one run after the package."""
     if not has_fp16_kernel():
         return "int4-grid"
     if compile:
         return "int4-grid-fp16-head"
-    return "fp16" if torch.backends.cpu.get_cpu_capability() == "AVX2" else "int4-fp16"
+    if torch.backends.cpu.get_cpu_capability() != "AVX2" or (model is not None and _int_products_step(model)):
+        return "int4-fp16"
+    return "fp16"
+
+
+def _int_products_step(model) -> bool:
+    """Whether the kernel step (:class:`_KernelStep`) runs styletune's int products for ``model``: a Llama
+    in fp32 on CPU, with the kernels built for a CPU with AVX2 or AVX-512 VNNI (:func:`_int_kernels`)."""
+    return (_FAMILIES.get(getattr(architecture_of(model), "model_type", None)) is _Llama
+            and model.dtype == torch.float32 and model.device.type == "cpu" and _int_kernels() is not None)
 
 
 _QUANTIZED = {"int8": _Int8Linear, "int8-dynamic": _Int8DynamicLinear, "int4": _int4, "int4-grid": _lossless_int4,
@@ -846,7 +856,7 @@ class FastDecoder:
         if quantize and model.device.type != "cpu":
             quantize = None  # the int8 kernels used here are the CPU ones
         if quantize == "auto":
-            quantize = auto_format(compile)
+            quantize = auto_format(compile, model)
         self.quantize = quantize  # the storage used: ``auto`` resolved for this machine
         if not supports(model):
             raise StyletuneError(f"the lean decode step does not support this model ({type(model).__name__})")

@@ -254,7 +254,7 @@ typedef struct {
     float *d[2], *qsum[2], *xs;
 } acts_t;
 
-static void quantize_rows(const void *x, int x_dt, int B, int In, int passes, const acts_t *a, float *row) {
+static __attribute__((unused)) void quantize_rows(const void *x, int x_dt, int B, int In, int passes, const acts_t *a, float *row) {
     const int G = In / QGROUP;
     for (int b = 0; b < B; b++) {
         load(x, x_dt, (long)b * In, In, row);
@@ -289,7 +289,7 @@ static void quantize_rows(const void *x, int x_dt, int B, int In, int passes, co
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
-#define INT_PRODUCTS 1
+#define INT_PRODUCTS 512
 
 static inline __m512i bcast4(const int8_t *p) {
     int32_t v;
@@ -357,19 +357,109 @@ int_tile(const uint8_t *codes, const uint16_t *sc, const acts_t *a, long j0, flo
         for (int j = 0; j < NR; j++) _mm512_storeu_ps(y + (j0 + j) * N + (blk + r) * 16, acc[r][j]);
 }
 
+#define INT_RB1 4 /* blocks per tile at one input row */
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define INT_PRODUCTS 256
+
+static inline __m256i bcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* The same tile with AVX2 alone (no VNNI: AMD's Zen 2 and 3, Intel's Haswell to Comet Lake): each block as
+ * two vectors of 8 rows, the first and second 32 bytes of each 64-byte load, and each 4-input integer
+ * multiply-add as two instructions. int4: vpmaddubsw (codes 0..15 times qx, adjacent pairs summed to int16,
+ * at most 2 * 15 * 127 = 3810, no saturation), summed in int16 over a group (8 of them: at most 30480),
+ * then vpmaddwd by 1 to int32 once a group. int8: the codes turned back into q (xor 128, so offset 0) and
+ * multiplied as llama.cpp's AVX2 Q8_0 product does, |qx| times q with qx's sign (pairs at most
+ * 2 * 127 * 127 = 32258), then vpmaddwd by 1 to int32 each load. Integer sums, so the same results as the
+ * AVX-512 tile's, bit for bit. */
+static inline __attribute__((always_inline)) void
+int_tile(const uint8_t *codes, const uint16_t *sc, const acts_t *a, long j0, float *y, int In, int N, long blk,
+         const int RB, const int NR, const int PASSES, const int bits) {
+    const int G = In / QGROUP, per = bits == 4 ? 8 : 4, loads = QGROUP / per;
+    const long block_bytes = (long)In / per * 64, sc_stride = bits == 4 ? 32 : 16;
+    const float offset = bits == 4 ? 8.0f : 0.0f;
+    const __m256i m4 = _mm256_set1_epi8(0x0f), flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    for (int g = 0; g < G; g++) {
+        for (int h = 0; h < 2; h++) { /* rows 0..7 of each block, then 8..15 */
+            __m256i s[4][4][2];
+            for (int r = 0; r < RB; r++)
+                for (int j = 0; j < NR; j++)
+                    for (int p = 0; p < PASSES; p++) s[r][j][p] = _mm256_setzero_si256();
+            for (int c = 0; c < loads; c++) {
+                for (int r = 0; r < RB; r++) {
+                    const uint8_t *at = codes + (blk + r) * block_bytes + ((long)g * loads + c) * 64;
+                    if (h == 0) _mm_prefetch((const char *)(at + RB * block_bytes), _MM_HINT_T0);
+                    __m256i w = _mm256_loadu_si256((const __m256i *)(at + 32 * h));
+                    const __m256i lo = bits == 4 ? _mm256_and_si256(w, m4) : w;
+                    const __m256i hi = bits == 4 ? _mm256_and_si256(_mm256_srli_epi16(w, 4), m4) : w;
+                    if (bits == 8) w = _mm256_xor_si256(w, flip);
+                    for (int j = 0; j < NR; j++)
+                        for (int p = 0; p < PASSES; p++) {
+                            const int8_t *xp = a->q[p] + (j0 + j) * In + g * QGROUP + c * per;
+                            if (bits == 4) {
+                                const __m256i d = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(xp)),
+                                                                   _mm256_maddubs_epi16(hi, bcast4(xp + 4)));
+                                s[r][j][p] = _mm256_add_epi16(s[r][j][p], d);
+                            } else {
+                                const __m256i xb = bcast4(xp);
+                                const __m256i d = _mm256_maddubs_epi16(_mm256_sign_epi8(xb, xb), _mm256_sign_epi8(w, xb));
+                                s[r][j][p] = _mm256_add_epi32(s[r][j][p], _mm256_madd_epi16(d, ones));
+                            }
+                        }
+                }
+            }
+            for (int r = 0; r < RB; r++) {
+                const uint16_t *p16 = sc + ((blk + r) * G + g) * sc_stride + 8 * h;
+                if (h == 0) _mm_prefetch((const char *)(p16 + RB * G * sc_stride), _MM_HINT_T0);
+                const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p16));
+                for (int j = 0; j < NR; j++) {
+                    const long jg = (j0 + j) * G + g;
+                    /* the sums so far in y, not in registers: the loop above needs them all */
+                    float *out = y + (j0 + j) * N + (blk + r) * 16 + 8 * h;
+                    __m256 acc = g == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out);
+                    for (int p = 0; p < PASSES; p++) {
+                        const __m256i sum = bits == 4 ? _mm256_madd_epi16(s[r][j][p], ones) : s[r][j][p];
+                        const __m256 centered =
+                            _mm256_sub_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(offset * a->qsum[p][jg]));
+                        acc = _mm256_fmadd_ps(centered, _mm256_mul_ps(scale, _mm256_set1_ps(a->d[p][jg])),
+                                                       acc);
+                    }
+                    if (bits == 4) {
+                        const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p16 + 16)));
+                        acc = _mm256_fmadd_ps(z, _mm256_set1_ps(a->xs[jg]), acc);
+                    }
+                    _mm256_storeu_ps(out, acc);
+                }
+            }
+        }
+    }
+}
+#ifndef INT_RB1_AVX2
+#define INT_RB1_AVX2 2
+#endif
+#define INT_RB1 INT_RB1_AVX2
+#else
+#define INT_PRODUCTS 0
+#endif
+
+#if INT_PRODUCTS
 /* Tiles first..last-1 of all B input rows by all N outputs. Tile shapes: one row over 4 blocks, two over 2,
  * more rows over 1 block, four rows at a time (so that a block's codes, read from memory once, serve every
  * row from cache); the blocks left over after the last whole tile, one tile each. */
 static inline __attribute__((always_inline)) void
 int_tiles(const uint8_t *codes, const uint16_t *sc, const acts_t *a, int B, float *y, int In, int N,
           long first, long last, const int PASSES, const int bits) {
-    const long rb = B == 1 ? 4 : B == 2 ? 2 : 1, tiles = N / 16 / rb;
+    const long rb = B == 1 ? INT_RB1 : B == 2 ? 2 : 1, tiles = N / 16 / rb;
     for (long t = first; t < last; t++) {
         const long blk = t < tiles ? t * rb : tiles * rb + (t - tiles);
 #define TILE(rb, n) int_tile(codes, sc, a, j, y, In, N, blk, rb, n, PASSES, bits)
         for (long j = 0; j < B; j += 4) {
             const int nr = B - j < 4 ? (int)(B - j) : 4;
-            if (t < tiles && B == 1) TILE(4, 1);
+            if (t < tiles && B == 1) TILE(INT_RB1, 1);
             else if (t < tiles && B == 2) TILE(2, 2);
             else if (nr == 1) TILE(1, 1);
             else if (nr == 2) TILE(1, 2);
@@ -404,7 +494,7 @@ static void int_mm(const void *x, int x_dt, const uint8_t *codes, const uint16_t
     passes = passes == 2 ? 2 : 1;
     quantize_rows(x, x_dt, B, In, passes, &a, row);
     const tiles_fn fn = bits == 4 ? (passes == 2 ? q4_tiles_2 : q4_tiles_1) : (passes == 2 ? q8_tiles_2 : q8_tiles_1);
-    const long blocks = N / 16, rb = B == 1 ? 4 : B == 2 ? 2 : 1, count = blocks / rb + blocks % rb;
+    const long blocks = N / 16, rb = B == 1 ? INT_RB1 : B == 2 ? 2 : 1, count = blocks / rb + blocks % rb;
 #ifdef _OPENMP
     /* the tiles shared out among `threads` threads: built with -fopenmp, GCC's libgomp, which resolves to the
      * copy torch has already loaded, so these are the threads PyTorch's operations use */
@@ -419,7 +509,6 @@ static void int_mm(const void *x, int x_dt, const uint8_t *codes, const uint16_t
 #endif
 }
 #else
-#define INT_PRODUCTS 0
 static void int_mm(const void *x, int x_dt, const uint8_t *codes, const uint16_t *sc, float *y,
                    int B, int In, int N, void *scratch, int threads, int passes, const int bits) {
     (void)x, (void)x_dt, (void)codes, (void)sc, (void)y, (void)B, (void)In, (void)N, (void)scratch, (void)threads,
