@@ -681,7 +681,7 @@ def measure_styletune_generate_b1_int4(s: Settings) -> dict:
 
 def measure_styletune_generate_b1_fp16(s: Settings) -> dict:
     """One prompt with ``--quantize fp16`` (FBGEMM's fp16 GEMM: fp16 weights, fp32 arithmetic; what
-    ``auto`` takes where torch's CPU kernels run at AVX2 only)."""
+    ``auto`` takes where torch's CPU kernels run at AVX2 only and styletune's int kernels do not)."""
     return _styletune_generate(s, [PROMPT], quantize="fp16")
 
 
@@ -751,7 +751,7 @@ def measure_quant_quality(s: Settings, model: str | None = None) -> dict:
         "value": ppl["auto"] / ppl["exact"], "unit": "x perplexity (auto / exact)",
         "perplexity": ppl,
         "timing": f"{ids.shape[1]} tokens of the corpus, teacher-forced",
-        "notes": f"auto is {fast.auto_format()} on this CPU; perplexity "
+        "notes": f"auto is {fast.auto_format(model=lm.model)} on this CPU; perplexity "
                  + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items())
                  + "; top-1 agreement with transformers " + ", ".join(f"{k} {v:.1%}" for k, v in agree.items()),
     }
@@ -991,7 +991,7 @@ def _projection_kinds(lm) -> str:
 
     from styletune.decoding import fast
 
-    layers, head = fast._weights(lm.model, fast.auto_format())  # the copies generate made (cached)
+    layers, head = fast._weights(lm.model, fast.auto_format(model=lm.model))  # the copies generate made (cached)
     kinds = sorted({type(p).__name__.lstrip("_") for L in layers for p in L.values()
                     if not isinstance(p, (torch.Tensor, tuple))})
     return f"layers {', '.join(kinds)}; head {type(head).__name__.lstrip('_')}"

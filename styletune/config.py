@@ -26,8 +26,9 @@ LORA_LR = 2e-3
 FULL_LR = 5e-5
 
 QUANTIZE_CHOICES = ("auto", "none", "fp16", "int4", "int8", "int8-dynamic")
-"""``--quantize`` values: the fastest storage that keeps quality on this CPU (fp16 where torch runs at
-AVX2 only; elsewhere int4 for matrices already on a 4-bit grid, fp16 for the rest), exact
+"""``--quantize`` values: the fastest storage that keeps quality on this CPU (int4 for matrices
+already on a 4-bit grid, fp16 for the rest; fp16 throughout where torch runs at AVX2 only and
+styletune's int kernels do not), exact
 decoding, fp16 weights with fp32 arithmetic, group-wise int4, weight-only int8, int8 weights and
 activations."""
 

@@ -328,9 +328,9 @@ def load_model(name: str | None = None, device: str = "auto", dtype: str = "auto
         name: a registry name, hub id, model directory, run directory or ``.gguf`` file.
         device: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda`` or ``mps``.
         dtype: ``auto`` (bf16 where the hardware has it), ``float32``, ``bfloat16``, ``float16``.
-        quantize: ``None`` (exact, the default here), ``auto`` (the command line's default: fp16 on a
-            CPU where torch runs at AVX2 only; elsewhere int4 for matrices already on a 4-bit grid,
-            fp16 for the rest), ``fp16`` (FBGEMM, x86-64), ``int4`` (group-wise),
+        quantize: ``None`` (exact, the default here), ``auto`` (the command line's default: int4 for matrices
+            already on a 4-bit grid, fp16 for the rest; fp16 throughout where torch runs at AVX2 only
+            and styletune's int kernels do not), ``fp16`` (FBGEMM, x86-64), ``int4`` (group-wise),
             ``int8`` (weight-only) or ``int8-dynamic`` (int8 weights and per-token int8 activations):
             copies for the CPU decode step; the loaded weights stay as they are.
         compile: compile the decode step ahead of time (:mod:`styletune.decoding.compiled`): ~40 s

@@ -33,10 +33,11 @@ for ``int8``; see the README's performance section).
 trained in floating point. ``quantize="fp16"`` stores fp16 copies for FBGEMM's fp16 GEMM (fp16
 weights, fp32 activations): half the bytes of fp32, and nothing lost but the weights' rounding.
 ``quantize="auto"`` (the command line's default) loses nothing but float rounding wherever the
-model allows: on CPUs with AVX-512 it takes int4 for matrices already on a 4-bit grid (a model
-dequantised from a Q4 GGUF, as the bundled SmolLM2 is) and fp16 for every other one; where torch's
-CPU kernels run at AVX2 only, the int kernels are slower than fp16, and it takes fp16 throughout
-(:func:`auto_format`). A LoRA run's merged weights are off the grid its base is on: the formats that
+model allows: it takes int4 for matrices already on a 4-bit grid (a model dequantised from a Q4
+GGUF, as the bundled SmolLM2 is) and fp16 for every other one (int8 for one on Q8_0's grid, where
+styletune's int kernels run); where torch's CPU kernels run at AVX2 only and styletune's int
+kernels do not run (a bf16 model, GPT-2, no compiler), PyTorch's int kernels are slower than fp16,
+and it takes fp16 throughout (:func:`auto_format`). A LoRA run's merged weights are off the grid its base is on: the formats that
 store grid matrices in int4 read each adapted matrix as its base in int4 plus the LoRA update in low
 rank (:class:`_Int4LowRank`), the update kept beside the merged weights when the run was loaded,
 in decode steps of up to ``LOW_RANK_MAX_ROWS`` rows (beyond, the merged weights are faster).
@@ -45,12 +46,16 @@ Every format but exact runs the Llama step's work between its products (norms, r
 cache write, attention, the SwiGLU gate) in styletune's own C kernels (:mod:`.kernels`,
 :class:`_KernelStep`): four calls a layer where PyTorch makes about 35 operations, each costing
 more to dispatch than to compute at one token per row. Where those kernels are built with AVX-512
-VNNI (:func:`_int_kernels`), the kernel step also runs the int4 products and, for ``auto``, the
+VNNI or AVX2 (:func:`_int_kernels`), the kernel step also runs the int4 products and, for ``auto``, the
 output head on Q8_0's 8-bit grid (:class:`_Int8Grid`) in styletune's own integer kernels: the
 input quantised to int8 per group of 32 in two passes (the second, the first's remainder: about 15
 bits, finer than the bf16 input of PyTorch's int4 kernel), multiply-adds of 64 int8 pairs an
-instruction, over 3x PyTorch's int4 kernel on a matrix in cache, and bound by memory once the
-weights stream (the bench's ``decode_floor_b1``). The exact step stays on PyTorch's operations,
+instruction (AVX2: 32 in two), over 3x PyTorch's int4 kernel on a matrix in cache, and bound by
+memory once the weights stream (the bench's ``decode_floor_b1``). On a 2-core AMD EPYC with AVX2
+only, one thread, one row, the bundled model's products cycled through memory: the 210 int4 layer
+matrices in 4.1-4.6 ms against PyTorch's int4 kernel's 17.2 ms and FBGEMM fp16's 9.0 ms, the int8
+head in 1.4 ms against fp16's 3.2 ms; at eight rows 35 ms against fp16's 31 ms (there the products
+wait on the integer multiplies). The exact step stays on PyTorch's operations,
 transformers' own arithmetic, token for token.
 """
 
@@ -239,8 +244,8 @@ INT_PASSES = 2
 
 def _int_kernels():
     """styletune's int4 and int8 products (``st_q4_mm``, ``st_q8_mm`` in kernels.c), or None where the
-    kernels are off or not built, or built for a CPU without AVX-512 VNNI (then PyTorch's int4 kernel
-    and FBGEMM's fp16 run, as before)."""
+    kernels are off or not built, or built for a CPU with neither AVX-512 VNNI nor AVX2 (then PyTorch's
+    int4 kernel and FBGEMM's fp16 run)."""
     from . import kernels
 
     lib = kernels.library()
@@ -301,7 +306,8 @@ class _Int8Grid:
     """A matrix on Q8_0's 8-bit grid (:func:`_int8_grid`) in int8 with fp16 group scales, nothing lost but
     the scales' rounding (to the fp16 they were in the GGUF), through styletune's int8 kernel
     (``st_q8_mm``) with the input quantised to int8 per group of 32 (``INT_PASSES`` times), as llama.cpp
-    computes a Q8_0 product (once). Built only where that kernel is (:func:`_int_kernels`): AVX-512 VNNI.
+    computes a Q8_0 product (once). Built only where that kernel is (:func:`_int_kernels`): AVX-512 VNNI
+    or AVX2.
 
     SmolLM2's 49152x576 output head, the largest matrix of the bundled model: half fp16's bytes
     (measured on a 2-core AMD EPYC, one thread, one row, one pass: 1.48 ms against FBGEMM fp16's 2.79 ms)."""
@@ -406,8 +412,8 @@ def _lossless_int4(weight: torch.Tensor, bias: torch.Tensor | None = None, other
 
 
 def _int4_grid_fp16(weight: torch.Tensor, bias: torch.Tensor | None = None):
-    """``--quantize auto`` on an AVX-512 CPU (``"int4-fp16"``): int4 on the 4-bit grid, fp16 for the
-    rest, so nothing is lost but float rounding. There fp16 reads a matrix as fast as int8 at one row
+    """``--quantize auto`` (``"int4-fp16"``, :func:`auto_format`): int4 on the 4-bit grid, fp16 (or int8
+    on Q8_0's grid) for the rest, so nothing is lost but float rounding. There fp16 reads a matrix as fast as int8 at one row
     and the output head faster (measured on a 2-core AMD EPYC with avx512_bf16, one thread, matrices
     cycled through memory: 3072x576 129 us fp16, 128 us int8, 73 us int4; SmolLM2's 49152x576 head
     1.73 ms fp16, 1.99 ms int8; at eight rows the head 2.63 ms fp16, 4.09 ms int8)."""

@@ -1,5 +1,5 @@
-/* styletune's CPU kernels for the work of a decode step between its matrix products, and (on CPUs
- * with AVX-512 VNNI, at the end of this file) for its int4 and int8 products.
+/* styletune's CPU kernels for the work of a decode step between its matrix products, and (on x86-64
+ * CPUs with AVX-512 VNNI or AVX2, at the end of this file) for its int4 and int8 products.
  *
  * At one token per row, the norms, the rotation, attention and the SwiGLU gate of a 135M model are a
  * few thousand floats each: PyTorch spends far longer dispatching them (about 35 operations per
@@ -235,7 +235,7 @@ void st_low_rank(const void *x, int x_dt, const float *a_t, const float *b_t, co
  * int8 w = q * s, q in -127..127 (Q8_0's). Each input row is quantised per group of 32 to int8, x ~ qx * d
  * with d = max|x| / 127 (llama.cpp's Q8 activations), and in a second pass (fast.py takes two) the
  * remainder the same way, so that each group's dot product is one or two runs of integer multiply-adds
- * (AVX-512 VNNI: 64 a instruction); the int4 center is applied to the exact sum. One pass moved the
+ * (AVX-512 VNNI: 64 a instruction; AVX2: 32 in two); the int4 center is applied to the exact sum. One pass moved the
  * bundled model's perplexity on the tests' passage by +1.1%; two by less than 0.01%, for about 4% more
  * time on the products (bound by reading the weights from memory).
  * Per 16 output rows ("a block", one vector of 16 sums), the codes are interleaved so that one 64-byte
@@ -357,7 +357,6 @@ int_tile(const uint8_t *codes, const uint16_t *sc, const acts_t *a, long j0, flo
         for (int j = 0; j < NR; j++) _mm512_storeu_ps(y + (j0 + j) * N + (blk + r) * 16, acc[r][j]);
 }
 
-#define INT_RB1 4 /* blocks per tile at one input row */
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define INT_PRODUCTS 256
@@ -374,8 +373,12 @@ static inline __m256i bcast4(const int8_t *p) {
  * at most 2 * 15 * 127 = 3810, no saturation), summed in int16 over a group (8 of them: at most 30480),
  * then vpmaddwd by 1 to int32 once a group. int8: the codes turned back into q (xor 128, so offset 0) and
  * multiplied as llama.cpp's AVX2 Q8_0 product does, |qx| times q with qx's sign (pairs at most
- * 2 * 127 * 127 = 32258), then vpmaddwd by 1 to int32 each load. Integer sums, so the same results as the
- * AVX-512 tile's, bit for bit. */
+ * 2 * 127 * 127 = 32258), then vpmaddwd by 1 to int32 each load: the AVX-512 tile's integer sums, and the
+ * same float arithmetic after them. Each half's sums so far wait in y, not in registers (16 of them in
+ * AVX2, where the sums above take up to 8): kept in registers, they were spilled inside the loop, and
+ * eight rows took 16% longer. At one row the products read the weights at the speed memory gives them;
+ * at four or more they wait on vpmaddubsw (about one a cycle measured), and fp16 weights through
+ * FBGEMM (fp32 multiply-adds) run about as fast. */
 static inline __attribute__((always_inline)) void
 int_tile(const uint8_t *codes, const uint16_t *sc, const acts_t *a, long j0, float *y, int In, int N, long blk,
          const int RB, const int NR, const int PASSES, const int bits) {
@@ -438,10 +441,6 @@ int_tile(const uint8_t *codes, const uint16_t *sc, const acts_t *a, long j0, flo
         }
     }
 }
-#ifndef INT_RB1_AVX2
-#define INT_RB1_AVX2 2
-#endif
-#define INT_RB1 INT_RB1_AVX2
 #else
 #define INT_PRODUCTS 0
 #endif
@@ -453,13 +452,13 @@ int_tile(const uint8_t *codes, const uint16_t *sc, const acts_t *a, long j0, flo
 static inline __attribute__((always_inline)) void
 int_tiles(const uint8_t *codes, const uint16_t *sc, const acts_t *a, int B, float *y, int In, int N,
           long first, long last, const int PASSES, const int bits) {
-    const long rb = B == 1 ? INT_RB1 : B == 2 ? 2 : 1, tiles = N / 16 / rb;
+    const long rb = B == 1 ? 4 : B == 2 ? 2 : 1, tiles = N / 16 / rb;
     for (long t = first; t < last; t++) {
         const long blk = t < tiles ? t * rb : tiles * rb + (t - tiles);
 #define TILE(rb, n) int_tile(codes, sc, a, j, y, In, N, blk, rb, n, PASSES, bits)
         for (long j = 0; j < B; j += 4) {
             const int nr = B - j < 4 ? (int)(B - j) : 4;
-            if (t < tiles && B == 1) TILE(INT_RB1, 1);
+            if (t < tiles && B == 1) TILE(4, 1);
             else if (t < tiles && B == 2) TILE(2, 2);
             else if (nr == 1) TILE(1, 1);
             else if (nr == 2) TILE(1, 2);
@@ -494,7 +493,7 @@ static void int_mm(const void *x, int x_dt, const uint8_t *codes, const uint16_t
     passes = passes == 2 ? 2 : 1;
     quantize_rows(x, x_dt, B, In, passes, &a, row);
     const tiles_fn fn = bits == 4 ? (passes == 2 ? q4_tiles_2 : q4_tiles_1) : (passes == 2 ? q8_tiles_2 : q8_tiles_1);
-    const long blocks = N / 16, rb = B == 1 ? INT_RB1 : B == 2 ? 2 : 1, count = blocks / rb + blocks % rb;
+    const long blocks = N / 16, rb = B == 1 ? 4 : B == 2 ? 2 : 1, count = blocks / rb + blocks % rb;
 #ifdef _OPENMP
     /* the tiles shared out among `threads` threads: built with -fopenmp, GCC's libgomp, which resolves to the
      * copy torch has already loaded, so these are the threads PyTorch's operations use */
@@ -516,8 +515,8 @@ static void int_mm(const void *x, int x_dt, const uint8_t *codes, const uint16_t
 }
 #endif
 
-/* 1 where this build has the products below (x86-64 with AVX-512 VNNI), 0 where they do nothing
- * (fast.py then keeps PyTorch's kernels). */
+/* The products' vector width where this build has them, 512 (AVX-512 VNNI) or 256 (AVX2); 0 where they do
+ * nothing (fast.py then keeps PyTorch's kernels). */
 int st_int_products(void) { return INT_PRODUCTS; }
 
 /* y (B, N) fp32 = x (B, In) (dtype x_dt) @ W.T for an int4 (st_q4_mm) or int8 (st_q8_mm) W as laid out

@@ -4,9 +4,9 @@ At one token per row the eager step spends more time dispatching PyTorch operati
 weights: on the bundled SmolLM2, about 35 small operations per layer (norms, rotation, attention, the
 SwiGLU gate, dtype casts), a few microseconds each, around four matrix products. ``kernels.c`` does
 each group of them in one call over the step's own preallocated buffers. Where the CPU has AVX-512
-VNNI, it also has products of int4 and int8 matrices in styletune's own layout (``st_q4_mm``,
-``st_q8_mm``, with int8 activations; ``fast._int_kernels``); elsewhere the products stay PyTorch's
-(int4, fp16, int8). See ``fast._KernelStep`` for where the step uses them, and the bench
+VNNI or AVX2, it also has products of int4 and int8 matrices in styletune's own layout (``st_q4_mm``,
+``st_q8_mm``, with int8 activations; ``fast._int_kernels``); elsewhere (Arm, x86-64 before AVX2) the
+products stay PyTorch's (int4, fp16, int8). See ``fast._KernelStep`` for where the step uses them, and the bench
 (``styletune_generate_b1_no_kernels``, ``decode_floor_b1``) for what they buy.
 
 The file is compiled on first use by the system's C compiler (``$CC``, else Python's, ``cc``, ``gcc``
