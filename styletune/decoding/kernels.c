@@ -356,6 +356,7 @@ int_tile(const uint8_t *codes, const uint16_t *sc, const acts_t *a, long j0, flo
     for (int r = 0; r < RB; r++)
         for (int j = 0; j < NR; j++) _mm512_storeu_ps(y + (j0 + j) * N + (blk + r) * 16, acc[r][j]);
 }
+#define INT_RB1 4 /* blocks per tile at one input row */
 
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -374,13 +375,13 @@ static inline __m256i bcast4(const int8_t *p) {
  * then vpmaddwd by 1 to int32 once a group. int8: the codes turned back into q (xor 128, so offset 0) and
  * multiplied as llama.cpp's AVX2 Q8_0 product does, |qx| times q with qx's sign (pairs at most
  * 2 * 127 * 127 = 32258), then vpmaddwd by 1 to int32 each load: the AVX-512 tile's integer sums, and the
- * same float arithmetic after them. Each half's sums so far wait in y, not in registers (16 of them in
- * AVX2, where the sums above take up to 8): kept in registers, they were spilled inside the loop, and
- * eight rows took 16% longer. At one row the products read the weights at the speed memory gives them;
- * at four or more they wait on vpmaddubsw (about one a cycle measured), and fp16 weights through
- * FBGEMM (fp32 multiply-adds) run about as fast. */
+ * same float arithmetic after them. Several input rows (int_tile_rows): one half of each load a sweep, the
+ * sums so far waiting in y, not in registers (AVX2 has 16, and the sums take up to 8: kept in registers,
+ * they were spilled inside the loop, and eight rows took 16% longer). At one row the products read the
+ * weights at the speed memory gives them; at four or more they wait on vpmaddubsw (about one a cycle
+ * measured), and fp16 weights through FBGEMM (fp32 multiply-adds) run about as fast. */
 static inline __attribute__((always_inline)) void
-int_tile(const uint8_t *codes, const uint16_t *sc, const acts_t *a, long j0, float *y, int In, int N, long blk,
+int_tile_rows(const uint8_t *codes, const uint16_t *sc, const acts_t *a, long j0, float *y, int In, int N, long blk,
          const int RB, const int NR, const int PASSES, const int bits) {
     const int G = In / QGROUP, per = bits == 4 ? 8 : 4, loads = QGROUP / per;
     const long block_bytes = (long)In / per * 64, sc_stride = bits == 4 ? 32 : 16;
@@ -441,24 +442,89 @@ int_tile(const uint8_t *codes, const uint16_t *sc, const acts_t *a, long j0, flo
         }
     }
 }
+/* One input row: both halves of each load in one sweep, over INT_RB1 blocks, so that each line is read once
+ * and in order (the products of one row 11% faster than int_tile_rows' half a sweep over 4 blocks; for more
+ * rows the sums of both halves would not fit in AVX2's 16 registers). */
+static inline __attribute__((always_inline)) void
+int_tile_row(const uint8_t *codes, const uint16_t *sc, const acts_t *a, long j0, float *y, int In, int N, long blk,
+             const int RB, const int PASSES, const int bits) {
+    const int G = In / QGROUP, per = bits == 4 ? 8 : 4, loads = QGROUP / per;
+    const long block_bytes = (long)In / per * 64, sc_stride = bits == 4 ? 32 : 16;
+    const float offset = bits == 4 ? 8.0f : 0.0f;
+    const __m256i m4 = _mm256_set1_epi8(0x0f), flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    for (int g = 0; g < G; g++) {
+        __m256i s[4][2][2]; /* [block][half][pass] */
+        for (int r = 0; r < RB; r++)
+            for (int h = 0; h < 2; h++)
+                for (int p = 0; p < PASSES; p++) s[r][h][p] = _mm256_setzero_si256();
+        for (int c = 0; c < loads; c++)
+            for (int r = 0; r < RB; r++) {
+                const uint8_t *at = codes + (blk + r) * block_bytes + ((long)g * loads + c) * 64;
+                _mm_prefetch((const char *)(at + RB * block_bytes), _MM_HINT_T0);
+                for (int h = 0; h < 2; h++) {
+                    __m256i w = _mm256_loadu_si256((const __m256i *)(at + 32 * h));
+                    for (int p = 0; p < PASSES; p++) {
+                        const int8_t *xp = a->q[p] + j0 * In + g * QGROUP + c * per;
+                        if (bits == 4) {
+                            const __m256i lo = _mm256_and_si256(w, m4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
+                            s[r][h][p] = _mm256_add_epi16(s[r][h][p], _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(xp)),
+                                                                                         _mm256_maddubs_epi16(hi, bcast4(xp + 4))));
+                        } else {
+                            const __m256i xb = bcast4(xp), q = _mm256_xor_si256(w, flip);
+                            const __m256i d = _mm256_maddubs_epi16(_mm256_sign_epi8(xb, xb), _mm256_sign_epi8(q, xb));
+                            s[r][h][p] = _mm256_add_epi32(s[r][h][p], _mm256_madd_epi16(d, ones));
+                        }
+                    }
+                }
+            }
+        for (int r = 0; r < RB; r++) {
+            const uint16_t *p16 = sc + ((blk + r) * G + g) * sc_stride;
+            _mm_prefetch((const char *)(p16 + RB * G * sc_stride), _MM_HINT_T0);
+            const long jg = j0 * G + g;
+            for (int h = 0; h < 2; h++) {
+                const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p16 + 8 * h)));
+                float *out = y + j0 * N + (blk + r) * 16 + 8 * h;
+                __m256 acc = g == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out);
+                for (int p = 0; p < PASSES; p++) {
+                    const __m256i sum = bits == 4 ? _mm256_madd_epi16(s[r][h][p], ones) : s[r][h][p];
+                    const __m256 centered = _mm256_sub_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(offset * a->qsum[p][jg]));
+                    acc = _mm256_fmadd_ps(centered, _mm256_mul_ps(scale, _mm256_set1_ps(a->d[p][jg])), acc);
+                }
+                if (bits == 4) {
+                    const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p16 + 16 + 8 * h)));
+                    acc = _mm256_fmadd_ps(z, _mm256_set1_ps(a->xs[jg]), acc);
+                }
+                _mm256_storeu_ps(out, acc);
+            }
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void
+int_tile(const uint8_t *codes, const uint16_t *sc, const acts_t *a, long j0, float *y, int In, int N, long blk,
+         const int RB, const int NR, const int PASSES, const int bits) {
+    if (NR == 1) int_tile_row(codes, sc, a, j0, y, In, N, blk, RB, PASSES, bits);
+    else int_tile_rows(codes, sc, a, j0, y, In, N, blk, RB, NR, PASSES, bits);
+}
+#define INT_RB1 2
 #else
 #define INT_PRODUCTS 0
 #endif
 
 #if INT_PRODUCTS
-/* Tiles first..last-1 of all B input rows by all N outputs. Tile shapes: one row over 4 blocks, two over 2,
+/* Tiles first..last-1 of all B input rows by all N outputs. Tile shapes: one row over INT_RB1 blocks, two over 2,
  * more rows over 1 block, four rows at a time (so that a block's codes, read from memory once, serve every
  * row from cache); the blocks left over after the last whole tile, one tile each. */
 static inline __attribute__((always_inline)) void
 int_tiles(const uint8_t *codes, const uint16_t *sc, const acts_t *a, int B, float *y, int In, int N,
           long first, long last, const int PASSES, const int bits) {
-    const long rb = B == 1 ? 4 : B == 2 ? 2 : 1, tiles = N / 16 / rb;
+    const long rb = B == 1 ? INT_RB1 : B == 2 ? 2 : 1, tiles = N / 16 / rb;
     for (long t = first; t < last; t++) {
         const long blk = t < tiles ? t * rb : tiles * rb + (t - tiles);
 #define TILE(rb, n) int_tile(codes, sc, a, j, y, In, N, blk, rb, n, PASSES, bits)
         for (long j = 0; j < B; j += 4) {
             const int nr = B - j < 4 ? (int)(B - j) : 4;
-            if (t < tiles && B == 1) TILE(4, 1);
+            if (t < tiles && B == 1) TILE(INT_RB1, 1);
             else if (t < tiles && B == 2) TILE(2, 2);
             else if (nr == 1) TILE(1, 1);
             else if (nr == 2) TILE(1, 2);
@@ -493,7 +559,7 @@ static void int_mm(const void *x, int x_dt, const uint8_t *codes, const uint16_t
     passes = passes == 2 ? 2 : 1;
     quantize_rows(x, x_dt, B, In, passes, &a, row);
     const tiles_fn fn = bits == 4 ? (passes == 2 ? q4_tiles_2 : q4_tiles_1) : (passes == 2 ? q8_tiles_2 : q8_tiles_1);
-    const long blocks = N / 16, rb = B == 1 ? 4 : B == 2 ? 2 : 1, count = blocks / rb + blocks % rb;
+    const long blocks = N / 16, rb = B == 1 ? INT_RB1 : B == 2 ? 2 : 1, count = blocks / rb + blocks % rb;
 #ifdef _OPENMP
     /* the tiles shared out among `threads` threads: built with -fopenmp, GCC's libgomp, which resolves to the
      * copy torch has already loaded, so these are the threads PyTorch's operations use */
