@@ -53,9 +53,9 @@ bits, finer than the bf16 input of PyTorch's int4 kernel), multiply-adds of 64 i
 instruction (AVX2: 32 in two), over 3x PyTorch's int4 kernel on a matrix in cache, and bound by
 memory once the weights stream (the bench's ``decode_floor_b1``). On a 2-core AMD EPYC with AVX2
 only, one thread, one row, the bundled model's products cycled through memory: the 210 int4 layer
-matrices in 4.1-4.6 ms against PyTorch's int4 kernel's 17.2 ms and FBGEMM fp16's 9.0 ms, the int8
-head in 1.4 ms against fp16's 3.2 ms; at eight rows 35 ms against fp16's 31 ms (there the products
-wait on the integer multiplies). The exact step stays on PyTorch's operations,
+matrices in 4.1 ms against PyTorch's int4 kernel's 17.2 ms and FBGEMM fp16's 9.0 ms, the int8 head
+in 1.3-1.5 ms against fp16's 3.2 ms; at eight rows 37 ms against fp16's 31 ms (there the products
+wait on the integer multiplies; a whole decode step of eight rows is about as fast as fp16's). The exact step stays on PyTorch's operations,
 transformers' own arithmetic, token for token.
 """
 
