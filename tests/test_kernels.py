@@ -225,8 +225,9 @@ def _int_mm(lib, bits, packed, x, n_in, n_out, threads=1, passes=2):
 def test_int_products_are_their_formula_with_int8_activations(int_lib, bits, rows, passes):
     """y = sum over passes and groups of scale * d * (sum q * qx - offset * sum qx) (+ center * the exact sum
     for int4), checked against that formula written out in PyTorch; 80 output rows (at one input row, tiles
-    of 4 blocks, 2 in an AVX2 build, and one left over), 96 inputs (3 groups). Against the exact product of the same weights, one pass of int8
-    activations costs about 0.5% (as llama.cpp's Q8 activations), two (what fast.py takes) about 1e-5."""
+    of 4 blocks, 2 in an AVX2 build, and one left over), 96 inputs (3 groups). Against the exact product of
+    the same weights, one pass of int8 activations costs about 0.5% (as llama.cpp's Q8 activations), two
+    (what fast.py takes) about 1e-5."""
     n_out, n_in = 80, 96
     w, q, scale, zero = _grid_matrix(n_out, n_in, bits, seed=rows)
     packed = fast._pack_int4(q, scale, zero) if bits == 4 else fast._pack_int8(q, scale)
