@@ -382,7 +382,7 @@ static inline __m256i bcast4(const int8_t *p) {
  * measured), and fp16 weights through FBGEMM (fp32 multiply-adds) run about as fast. */
 static inline __attribute__((always_inline)) void
 int_tile_rows(const uint8_t *codes, const uint16_t *sc, const acts_t *a, long j0, float *y, int In, int N, long blk,
-         const int RB, const int NR, const int PASSES, const int bits) {
+              const int RB, const int NR, const int PASSES, const int bits) {
     const int G = In / QGROUP, per = bits == 4 ? 8 : 4, loads = QGROUP / per;
     const long block_bytes = (long)In / per * 64, sc_stride = bits == 4 ? 32 : 16;
     const float offset = bits == 4 ? 8.0f : 0.0f;
@@ -429,8 +429,7 @@ int_tile_rows(const uint8_t *codes, const uint16_t *sc, const acts_t *a, long j0
                         const __m256i sum = bits == 4 ? _mm256_madd_epi16(s[r][j][p], ones) : s[r][j][p];
                         const __m256 centered =
                             _mm256_sub_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(offset * a->qsum[p][jg]));
-                        acc = _mm256_fmadd_ps(centered, _mm256_mul_ps(scale, _mm256_set1_ps(a->d[p][jg])),
-                                                       acc);
+                        acc = _mm256_fmadd_ps(centered, _mm256_mul_ps(scale, _mm256_set1_ps(a->d[p][jg])), acc);
                     }
                     if (bits == 4) {
                         const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p16 + 16)));
