@@ -254,7 +254,8 @@ typedef struct {
     float *d[2], *qsum[2], *xs;
 } acts_t;
 
-static __attribute__((unused)) void quantize_rows(const void *x, int x_dt, int B, int In, int passes, const acts_t *a, float *row) {
+static __attribute__((unused)) void quantize_rows(const void *x, int x_dt, int B, int In, int passes, const acts_t *a,
+                                                  float *row) {
     const int G = In / QGROUP;
     for (int b = 0; b < B; b++) {
         load(x, x_dt, (long)b * In, In, row);
@@ -380,13 +381,44 @@ static inline __m256i bcast4(const int8_t *p) {
  * they were spilled inside the loop, and eight rows took 16% longer). At one row the products read the
  * weights at the speed memory gives them; at four or more they wait on vpmaddubsw (about one a cycle
  * measured), and fp16 weights through FBGEMM (fp32 multiply-adds) run about as fast. */
+/* s plus the products of one 32-byte half of a load (int4: its low and high nibbles lo and hi; int8: its
+ * codes as q) with the activation codes at xp, 4 (int8) or 8 (int4) of them. */
+static inline __attribute__((always_inline)) __m256i
+dot_add(__m256i s, __m256i lo, __m256i hi, __m256i q, const int8_t *xp, const int bits) {
+    if (bits == 4)
+        return _mm256_add_epi16(s, _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(xp)),
+                                                    _mm256_maddubs_epi16(hi, bcast4(xp + 4))));
+    const __m256i xb = bcast4(xp);
+    const __m256i d = _mm256_maddubs_epi16(_mm256_sign_epi8(xb, xb), _mm256_sign_epi8(q, xb));
+    return _mm256_add_epi32(s, _mm256_madd_epi16(d, _mm256_set1_epi16(1)));
+}
+
+/* A group's sums s[p] for one input row (activation figures at jg) and 8 outputs (their scales, and for int4
+ * centers 16 further, at p16), scaled and added to out, y's sums so far (the first group's start them). */
+static inline __attribute__((always_inline)) void
+half_out(const __m256i *s, const uint16_t *p16, const acts_t *a, long jg, float *out, int g, const int PASSES,
+         const int bits) {
+    const float offset = bits == 4 ? 8.0f : 0.0f; /* int4 codes are q + 8; int8 ones q (turned back) */
+    const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p16));
+    __m256 acc = g == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out);
+    for (int p = 0; p < PASSES; p++) {
+        const __m256i sum = bits == 4 ? _mm256_madd_epi16(s[p], _mm256_set1_epi16(1)) : s[p];
+        const __m256 centered = _mm256_sub_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(offset * a->qsum[p][jg]));
+        acc = _mm256_fmadd_ps(centered, _mm256_mul_ps(scale, _mm256_set1_ps(a->d[p][jg])), acc);
+    }
+    if (bits == 4) {
+        const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p16 + 16)));
+        acc = _mm256_fmadd_ps(z, _mm256_set1_ps(a->xs[jg]), acc);
+    }
+    _mm256_storeu_ps(out, acc);
+}
+
 static inline __attribute__((always_inline)) void
 int_tile_rows(const uint8_t *codes, const uint16_t *sc, const acts_t *a, long j0, float *y, int In, int N, long blk,
               const int RB, const int NR, const int PASSES, const int bits) {
     const int G = In / QGROUP, per = bits == 4 ? 8 : 4, loads = QGROUP / per;
     const long block_bytes = (long)In / per * 64, sc_stride = bits == 4 ? 32 : 16;
-    const float offset = bits == 4 ? 8.0f : 0.0f;
-    const __m256i m4 = _mm256_set1_epi8(0x0f), flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    const __m256i m4 = _mm256_set1_epi8(0x0f), flip = _mm256_set1_epi8((char)0x80);
     for (int g = 0; g < G; g++) {
         for (int h = 0; h < 2; h++) { /* rows 0..7 of each block, then 8..15 */
             __m256i s[4][4][2];
@@ -397,60 +429,35 @@ int_tile_rows(const uint8_t *codes, const uint16_t *sc, const acts_t *a, long j0
                 for (int r = 0; r < RB; r++) {
                     const uint8_t *at = codes + (blk + r) * block_bytes + ((long)g * loads + c) * 64;
                     if (h == 0) _mm_prefetch((const char *)(at + RB * block_bytes), _MM_HINT_T0);
-                    __m256i w = _mm256_loadu_si256((const __m256i *)(at + 32 * h));
-                    const __m256i lo = bits == 4 ? _mm256_and_si256(w, m4) : w;
-                    const __m256i hi = bits == 4 ? _mm256_and_si256(_mm256_srli_epi16(w, 4), m4) : w;
-                    if (bits == 8) w = _mm256_xor_si256(w, flip);
+                    const __m256i w = _mm256_loadu_si256((const __m256i *)(at + 32 * h));
+                    const __m256i lo = _mm256_and_si256(w, m4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
+                    const __m256i q = _mm256_xor_si256(w, flip);
                     for (int j = 0; j < NR; j++)
-                        for (int p = 0; p < PASSES; p++) {
-                            const int8_t *xp = a->q[p] + (j0 + j) * In + g * QGROUP + c * per;
-                            if (bits == 4) {
-                                const __m256i d = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(xp)),
-                                                                   _mm256_maddubs_epi16(hi, bcast4(xp + 4)));
-                                s[r][j][p] = _mm256_add_epi16(s[r][j][p], d);
-                            } else {
-                                const __m256i xb = bcast4(xp);
-                                const __m256i d = _mm256_maddubs_epi16(_mm256_sign_epi8(xb, xb), _mm256_sign_epi8(w, xb));
-                                s[r][j][p] = _mm256_add_epi32(s[r][j][p], _mm256_madd_epi16(d, ones));
-                            }
-                        }
+                        for (int p = 0; p < PASSES; p++)
+                            s[r][j][p] = dot_add(s[r][j][p], lo, hi, q,
+                                                 a->q[p] + (j0 + j) * In + g * QGROUP + c * per, bits);
                 }
             }
             for (int r = 0; r < RB; r++) {
                 const uint16_t *p16 = sc + ((blk + r) * G + g) * sc_stride + 8 * h;
                 if (h == 0) _mm_prefetch((const char *)(p16 + RB * G * sc_stride), _MM_HINT_T0);
-                const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p16));
-                for (int j = 0; j < NR; j++) {
-                    const long jg = (j0 + j) * G + g;
-                    /* the sums so far in y, not in registers: the loop above needs them all */
-                    float *out = y + (j0 + j) * N + (blk + r) * 16 + 8 * h;
-                    __m256 acc = g == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out);
-                    for (int p = 0; p < PASSES; p++) {
-                        const __m256i sum = bits == 4 ? _mm256_madd_epi16(s[r][j][p], ones) : s[r][j][p];
-                        const __m256 centered =
-                            _mm256_sub_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(offset * a->qsum[p][jg]));
-                        acc = _mm256_fmadd_ps(centered, _mm256_mul_ps(scale, _mm256_set1_ps(a->d[p][jg])), acc);
-                    }
-                    if (bits == 4) {
-                        const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p16 + 16)));
-                        acc = _mm256_fmadd_ps(z, _mm256_set1_ps(a->xs[jg]), acc);
-                    }
-                    _mm256_storeu_ps(out, acc);
-                }
+                for (int j = 0; j < NR; j++)
+                    half_out(s[r][j], p16, a, (j0 + j) * G + g, y + (j0 + j) * N + (blk + r) * 16 + 8 * h, g,
+                             PASSES, bits);
             }
         }
     }
 }
+
 /* One input row: both halves of each load in one sweep, over INT_RB1 blocks, so that each line is read once
- * and in order (the products of one row 11% faster than int_tile_rows' half a sweep over 4 blocks; for more
+ * and in order (the products of one row 9-11% faster than int_tile_rows' half a sweep over 4 blocks; for more
  * rows the sums of both halves would not fit in AVX2's 16 registers). */
 static inline __attribute__((always_inline)) void
 int_tile_row(const uint8_t *codes, const uint16_t *sc, const acts_t *a, long j0, float *y, int In, int N, long blk,
              const int RB, const int PASSES, const int bits) {
     const int G = In / QGROUP, per = bits == 4 ? 8 : 4, loads = QGROUP / per;
     const long block_bytes = (long)In / per * 64, sc_stride = bits == 4 ? 32 : 16;
-    const float offset = bits == 4 ? 8.0f : 0.0f;
-    const __m256i m4 = _mm256_set1_epi8(0x0f), flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    const __m256i m4 = _mm256_set1_epi8(0x0f), flip = _mm256_set1_epi8((char)0x80);
     for (int g = 0; g < G; g++) {
         __m256i s[4][2][2]; /* [block][half][pass] */
         for (int r = 0; r < RB; r++)
@@ -461,40 +468,18 @@ int_tile_row(const uint8_t *codes, const uint16_t *sc, const acts_t *a, long j0,
                 const uint8_t *at = codes + (blk + r) * block_bytes + ((long)g * loads + c) * 64;
                 _mm_prefetch((const char *)(at + RB * block_bytes), _MM_HINT_T0);
                 for (int h = 0; h < 2; h++) {
-                    __m256i w = _mm256_loadu_si256((const __m256i *)(at + 32 * h));
-                    for (int p = 0; p < PASSES; p++) {
-                        const int8_t *xp = a->q[p] + j0 * In + g * QGROUP + c * per;
-                        if (bits == 4) {
-                            const __m256i lo = _mm256_and_si256(w, m4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
-                            s[r][h][p] = _mm256_add_epi16(s[r][h][p], _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(xp)),
-                                                                                         _mm256_maddubs_epi16(hi, bcast4(xp + 4))));
-                        } else {
-                            const __m256i xb = bcast4(xp), q = _mm256_xor_si256(w, flip);
-                            const __m256i d = _mm256_maddubs_epi16(_mm256_sign_epi8(xb, xb), _mm256_sign_epi8(q, xb));
-                            s[r][h][p] = _mm256_add_epi32(s[r][h][p], _mm256_madd_epi16(d, ones));
-                        }
-                    }
+                    const __m256i w = _mm256_loadu_si256((const __m256i *)(at + 32 * h));
+                    const __m256i lo = _mm256_and_si256(w, m4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
+                    const __m256i q = _mm256_xor_si256(w, flip);
+                    for (int p = 0; p < PASSES; p++)
+                        s[r][h][p] = dot_add(s[r][h][p], lo, hi, q, a->q[p] + j0 * In + g * QGROUP + c * per, bits);
                 }
             }
         for (int r = 0; r < RB; r++) {
             const uint16_t *p16 = sc + ((blk + r) * G + g) * sc_stride;
             _mm_prefetch((const char *)(p16 + RB * G * sc_stride), _MM_HINT_T0);
-            const long jg = j0 * G + g;
-            for (int h = 0; h < 2; h++) {
-                const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p16 + 8 * h)));
-                float *out = y + j0 * N + (blk + r) * 16 + 8 * h;
-                __m256 acc = g == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out);
-                for (int p = 0; p < PASSES; p++) {
-                    const __m256i sum = bits == 4 ? _mm256_madd_epi16(s[r][h][p], ones) : s[r][h][p];
-                    const __m256 centered = _mm256_sub_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(offset * a->qsum[p][jg]));
-                    acc = _mm256_fmadd_ps(centered, _mm256_mul_ps(scale, _mm256_set1_ps(a->d[p][jg])), acc);
-                }
-                if (bits == 4) {
-                    const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p16 + 16 + 8 * h)));
-                    acc = _mm256_fmadd_ps(z, _mm256_set1_ps(a->xs[jg]), acc);
-                }
-                _mm256_storeu_ps(out, acc);
-            }
+            for (int h = 0; h < 2; h++)
+                half_out(s[r][h], p16 + 8 * h, a, j0 * G + g, y + j0 * N + (blk + r) * 16 + 8 * h, g, PASSES, bits);
         }
     }
 }
