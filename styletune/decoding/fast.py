@@ -37,10 +37,11 @@ model allows: it takes int4 for matrices already on a 4-bit grid (a model dequan
 GGUF, as the bundled SmolLM2 is) and fp16 for every other one (int8 for one on Q8_0's grid, where
 styletune's int kernels run); where torch's CPU kernels run at AVX2 only and styletune's int
 kernels do not run (a bf16 model, GPT-2, no compiler), PyTorch's int kernels are slower than fp16,
-and it takes fp16 throughout (:func:`auto_format`). A LoRA run's merged weights are off the grid its base is on: the formats that
-store grid matrices in int4 read each adapted matrix as its base in int4 plus the LoRA update in low
-rank (:class:`_Int4LowRank`), the update kept beside the merged weights when the run was loaded,
-in decode steps of up to ``LOW_RANK_MAX_ROWS`` rows (beyond, the merged weights are faster).
+and it takes fp16 throughout (:func:`auto_format`). A LoRA run's merged weights are off the grid
+its base is on: the formats that store grid matrices in int4 read each adapted matrix as its base in
+int4 plus the LoRA update in low rank (:class:`_Int4LowRank`), the update kept beside the merged
+weights when the run was loaded, in decode steps of up to ``LOW_RANK_MAX_ROWS`` rows (beyond, the
+merged weights are faster).
 
 Every format but exact runs the Llama step's work between its products (norms, rotation, the KV
 cache write, attention, the SwiGLU gate) in styletune's own C kernels (:mod:`.kernels`,
@@ -54,9 +55,9 @@ instruction (AVX2: 32 in two), over 3x PyTorch's int4 kernel on a matrix in cach
 memory once the weights stream (the bench's ``decode_floor_b1``). On a 2-core AMD EPYC with AVX2
 only, one thread, one row, the bundled model's products cycled through memory: the 210 int4 layer
 matrices in 4.1 ms against PyTorch's int4 kernel's 17.2 ms and FBGEMM fp16's 9.0 ms, the int8 head
-in 1.3-1.5 ms against fp16's 3.2 ms; at eight rows 37 ms against fp16's 31 ms (there the products
-wait on the integer multiplies; a whole decode step of eight rows is about as fast as fp16's). The exact step stays on PyTorch's operations,
-transformers' own arithmetic, token for token.
+in 1.3-1.5 ms against fp16's 3.2 ms; at eight rows 35 ms against fp16's 31 ms (there the products
+wait on the integer multiplies; a whole decode step of eight rows is about as fast as fp16's). The
+exact step stays on PyTorch's operations, transformers' own arithmetic, token for token.
 """
 
 from __future__ import annotations
@@ -223,10 +224,8 @@ class _Int4Linear:
         # (in/group, out, 2): the layout the kernel reads
         self.scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(torch.bfloat16)
         self.bias = bias
-        # the same codes laid out for styletune's int4 kernel, which the kernel step (fp32 models on CPU) calls
-        # where it is built
-        fp32_cpu = weight.dtype == torch.float32 and weight.device.type == "cpu"
-        self.packed = _pack_int4(q, scale, zero) if fp32_cpu and _int_kernels() else None
+        # the same codes laid out for styletune's int4 kernel, which the kernel step calls
+        self.packed = _pack_int4(q, scale, zero) if _int_copy(weight) else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.weight, INT4_GROUP, self.scale_zero)
@@ -250,6 +249,12 @@ def _int_kernels():
 
     lib = kernels.library()
     return lib if lib is not None and lib.st_int_products() else None
+
+
+def _int_copy(weight: torch.Tensor) -> bool:
+    """Whether a matrix gets a copy for styletune's int kernels: one of an fp32 model on CPU (the kernel step's
+    models), where the kernels are built with their int products."""
+    return weight.dtype == torch.float32 and weight.device.type == "cpu" and _int_kernels() is not None
 
 
 def _pack_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
@@ -413,17 +418,17 @@ def _lossless_int4(weight: torch.Tensor, bias: torch.Tensor | None = None, other
 
 def _int4_grid_fp16(weight: torch.Tensor, bias: torch.Tensor | None = None):
     """``--quantize auto`` (``"int4-fp16"``, :func:`auto_format`): int4 on the 4-bit grid, fp16 (or int8
-    on Q8_0's grid) for the rest, so nothing is lost but float rounding. There fp16 reads a matrix as fast as int8 at one row
-    and the output head faster (measured on a 2-core AMD EPYC with avx512_bf16, one thread, matrices
-    cycled through memory: 3072x576 129 us fp16, 128 us int8, 73 us int4; SmolLM2's 49152x576 head
-    1.73 ms fp16, 1.99 ms int8; at eight rows the head 2.63 ms fp16, 4.09 ms int8)."""
+    on Q8_0's grid) for the rest, so nothing is lost but float rounding. There fp16 reads a matrix as
+    fast as int8 at one row and the output head faster (measured on a 2-core AMD EPYC with avx512_bf16,
+    one thread, matrices cycled through memory: 3072x576 129 us fp16, 128 us int8, 73 us int4; SmolLM2's
+    49152x576 head 1.73 ms fp16, 1.99 ms int8; at eight rows the head 2.63 ms fp16, 4.09 ms int8)."""
     return _lossless_int4(weight, bias, other=_int8_grid_fp16)
 
 
 def _int8_grid_fp16(weight: torch.Tensor, bias: torch.Tensor | None = None):
     """``--quantize auto`` for a matrix off the 4-bit grid: int8 (:class:`_Int8Grid`) for one on Q8_0's
     grid where styletune's int8 kernel is built, else fp16."""
-    grid = _int8_grid(weight) if weight.dtype == torch.float32 and weight.device.type == "cpu" and _int_kernels() else None
+    grid = _int8_grid(weight) if _int_copy(weight) else None
     return _Fp16Linear(weight, bias) if grid is None else _Int8Grid(grid, bias)
 
 
