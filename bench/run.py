@@ -814,7 +814,8 @@ def _decode_floor(s: Settings, rows: int) -> dict:
         wrapped = []
         for L, step in zip(dec.layers, steps):
             step = list(step)
-            for i, name in ((2, "qkv"), (4, "o"), (7, "gate_up"), (9, "down")):
+            up, down = dec._kernels.mlp if hasattr(dec._kernels, "mlp") else ("gate_up", "down")
+            for i, name in ((2, "qkv"), (4, "o"), (7, up), (9, down)):
                 step[i] = recorder(L[name], step[i])
             wrapped.append(tuple(step))
         dec._kernels._plans[id(dec.layers)] = (dec.layers, dec.head, wrapped, (head_code, recorder(dec.head, head_fn)))

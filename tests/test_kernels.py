@@ -1,5 +1,6 @@
 """styletune's decode kernels (styletune/decoding/kernels.c): each against the PyTorch arithmetic it
-replaces, the kernel step against the PyTorch step, and the fallback where no compiler is found."""
+replaces, the kernel step against the PyTorch step (Llama and GPT-2), and the fallback where no compiler is
+found."""
 
 import ctypes
 import warnings
@@ -25,6 +26,12 @@ def lib():
 @pytest.fixture(scope="module")
 def llama(tiny_model_dirs):
     return load_model(str(tiny_model_dirs["llama"]), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model_dirs, llama):
+    """Both families' tiny models in fp32, by family name."""
+    return {"llama": llama, "gpt2": load_model(str(tiny_model_dirs["gpt2"]), device="cpu", dtype="float32")}
 
 
 def _ptr(t):
@@ -59,6 +66,44 @@ def test_add_rms_is_llamas_rmsnorm_after_the_residual_add(lib, add_dt, out_dt):
         assert (out.float().sign() == want.sign()).all()
 
 
+@pytest.mark.parametrize("out_dt", [F32, BF16])
+@pytest.mark.parametrize("add_dt", [0, F32, BF16])
+def test_add_layer_norm_is_gpt2s_layernorm_after_the_residual_add(lib, add_dt, out_dt):
+    torch.manual_seed(5)
+    rows, width, eps = 3, 768, 1e-5
+    x = torch.randn(rows, width) * 3 + 2  # a mean far from 0: centring matters
+    w, bias = torch.randn(width), torch.randn(width)
+    add = torch.randn(rows, width).to({F32: torch.float32, BF16: torch.bfloat16}.get(add_dt, torch.float32))
+    out = torch.empty(rows, width, dtype=torch.bfloat16 if out_dt == BF16 else torch.float32)
+    want_x = x + add.float() if add_dt else x.clone()
+    want = F.layer_norm(want_x, (width,), w, bias, eps)
+    scratch = torch.empty(width)
+    lib.st_add_layer_norm(_ptr(x), _ptr(add) if add_dt else None, add_dt, _ptr(w), _ptr(bias), _ptr(out), out_dt,
+                          rows, width, eps, _ptr(scratch))
+    assert torch.equal(x, want_x)  # the residual stream updated in place, exactly
+    if out_dt == F32:
+        assert torch.allclose(out, want, rtol=1e-5, atol=1e-5)
+    else:  # within one bf16 step of torch's rounding of the fp32 result
+        assert torch.allclose(out.float(), want.to(torch.bfloat16).float(), rtol=2 ** -7, atol=1e-5)
+
+
+@pytest.mark.parametrize("in_dt,out_dt", [(F32, F32), (BF16, BF16), (BF16, F32)])
+def test_gelu_tanh_is_gpt2s_activation(lib, in_dt, out_dt):
+    torch.manual_seed(6)
+    rows, inner = 2, 3072
+    x = (torch.randn(rows, inner) * 4).to(torch.bfloat16 if in_dt == BF16 else torch.float32)
+    x[0, :5] = torch.tensor([-100.0, 100.0, 0.0, -9.0, 1e-4])  # saturated, zero and tiny inputs
+    out = torch.empty(rows, inner, dtype=torch.bfloat16 if out_dt == BF16 else torch.float32)
+    scratch = torch.empty(inner)
+    lib.st_gelu_tanh(_ptr(x), in_dt, _ptr(out), out_dt, rows, inner, _ptr(scratch))
+    want = F.gelu(x.float(), approximate="tanh")
+    if out_dt == F32:
+        assert torch.allclose(out, want, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.allclose(out.float(), want, rtol=2 ** -8, atol=1e-6)
+    assert out[0, 1] == 100.0 and abs(float(out[0, 0])) < 1e-30 and out[0, 2] == 0.0
+
+
 @pytest.mark.parametrize("in_dt,out_dt", [(F32, F32), (BF16, BF16), (BF16, F32)])
 def test_silu_mul_is_swiglus_gate(lib, in_dt, out_dt):
     torch.manual_seed(1)
@@ -83,10 +128,11 @@ HEADS = [(6, 2, 16), (9, 3, 64), (12, 3, 64), (4, 2, 64), (16, 4, 128), (6, 3, 1
 
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("r_dt", [F32, BF16])
-@pytest.mark.parametrize("heads,kv_heads,hd", HEADS)
-def test_rope_attend_rotates_writes_the_cache_and_attends(lib, r_dt, masked, heads, kv_heads, hd):
+@pytest.mark.parametrize("heads,kv_heads,hd,rotary", [(*h, True) for h in HEADS] + [(12, 12, 64, False), (2, 2, 16, False)])
+def test_rope_attend_rotates_writes_the_cache_and_attends(lib, r_dt, masked, heads, kv_heads, hd, rotary):
     """Rows in slots 2 and 0 of a cache of 3, at positions 5 and 3, each attending over its own slot
-    (positions 0..5), with the rotation and softmax written out in PyTorch as the eager step does."""
+    (positions 0..5), with the rotation and softmax written out in PyTorch as the eager step does.
+    Without tables (``rotary`` False: GPT-2's heads) nothing is rotated; q is scaled all the same."""
     torch.manual_seed(2)
     slots_total, T, upto = 3, 12, 6
     group = heads // kv_heads
@@ -105,12 +151,15 @@ def test_rope_attend_rotates_writes_the_cache_and_attends(lib, r_dt, masked, hea
         mask[1, 4:] = False  # row 1 (position 3) sees nothing after itself
     out = torch.empty(2, heads * hd)
     scale, scratch = hd ** -0.5, torch.empty((heads + 2 * kv_heads) * hd + heads // kv_heads * (T + hd))
-    lib.st_rope_attend(_ptr(r), r_dt, _ptr(pos), _ptr(cos), _ptr(sin_signed), _ptr(cache), slots_total, T,
+    tables = (_ptr(cos), _ptr(sin_signed)) if rotary else (None, None)
+    lib.st_rope_attend(_ptr(r), r_dt, _ptr(pos), *tables, _ptr(cache), slots_total, T,
                        _ptr(slots), _ptr(pos), 1, _ptr(mask) if masked else None, upto, _ptr(out), F32,
                        2, heads, kv_heads, hd, scale, _ptr(scratch))
     rf = r.float()
 
     def rotate(v, p):
+        if not rotary:
+            return v
         half = torch.cat([-v[..., hd // 2:], v[..., :hd // 2]], -1)
         return v * cos[p] + half * sin[p]
 
@@ -300,12 +349,13 @@ def _decoders(model, monkeypatch, **kwargs):
 
 @pytest.mark.parametrize("quantize", FORMATS)
 @pytest.mark.parametrize("padded", [False, True])
-def test_the_kernel_step_is_the_pytorch_step(llama, lib, monkeypatch, quantize, padded):
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_kernel_step_is_the_pytorch_step(models, lib, monkeypatch, family, quantize, padded):
     """Eight tokens for two rows (left-padded: a mask; or not) through both steps: the same logits to
     float rounding, and the same KV cache. fp16 keeps fp32 activations, so the two agree to fp32
     rounding; the int formats round activations to bf16 at every product, where a sum in another
     order can land a value one bf16 step away (2**-8 relative), so they agree to a few of those."""
-    kern, torch_step = _decoders(llama.model, monkeypatch, batch=2, max_len=16, quantize=quantize)
+    kern, torch_step = _decoders(models[family].model, monkeypatch, batch=2, max_len=16, quantize=quantize)
     tol = 1e-5 if quantize == "fp16" else 3e-2
     mask = torch.tensor([[0, 1, 1], [1, 1, 1]]) if padded else torch.ones(2, 3, dtype=torch.long)
     for d in (kern, torch_step):
@@ -323,9 +373,11 @@ def test_the_kernel_step_is_the_pytorch_step(llama, lib, monkeypatch, quantize, 
         assert (ka - kb).abs().max() <= 10 * tol * kb.abs().max()
 
 
-def test_the_kernel_step_serves_slots_that_join_leave_and_are_not_consecutive(llama, lib, monkeypatch):
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_kernel_step_serves_slots_that_join_leave_and_are_not_consecutive(models, lib, monkeypatch, family):
     """A SlotDecoder's rows: slots 3 and 1 at different lengths (a mask, each row writing at its own
     position), then slot 1 alone; logits as the PyTorch step's and as transformers' over each sequence."""
+    llama = models[family]  # (either family: the name is the test's)
     decs = []
     for env in ("1", "0"):
         monkeypatch.setenv("STYLETUNE_KERNELS", env)
@@ -346,11 +398,14 @@ def test_the_kernel_step_serves_slots_that_join_leave_and_are_not_consecutive(ll
             assert (outs[0][b] - ref).abs().max() <= 5e-3 * ref.abs().max(), (step, s)
 
 
-def test_the_kernel_step_is_only_for_fused_fp32_llama_steps(llama, tiny_model_dirs, lib):
-    assert fast.FastDecoder(llama.model, batch=1, max_len=8, quantize="int8")._kernels is not None
-    assert fast.FastDecoder(llama.model, batch=1, max_len=8)._kernels is None  # exact: transformers' own arithmetic
-    gpt2 = load_model(str(tiny_model_dirs["gpt2"]), device="cpu", dtype="float32")
-    assert fast.FastDecoder(gpt2.model, batch=1, max_len=8, quantize="int8")._kernels is None
+def test_the_kernel_step_is_only_for_fp32_steps_it_has_kernels_for(models, tiny_model_dirs, lib):
+    for family in ("llama", "gpt2"):
+        model = models[family].model
+        assert fast.FastDecoder(model, batch=1, max_len=8, quantize="int8")._kernels is not None
+        assert fast.FastDecoder(model, batch=1, max_len=8)._kernels is None  # exact: transformers' own arithmetic
+    erf = load_model(str(tiny_model_dirs["gpt2"]), device="cpu", dtype="float32")
+    erf.model.config.activation_function = "gelu"  # the exact GELU: no kernel for it, PyTorch's step
+    assert fast.FastDecoder(erf.model, batch=1, max_len=8, quantize="int8")._kernels is None
     bf16 = load_model(str(tiny_model_dirs["llama"]), device="cpu", dtype="bfloat16")
     assert fast.FastDecoder(bf16.model, batch=1, max_len=8, quantize="int8")._kernels is None
 

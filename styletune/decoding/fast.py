@@ -43,10 +43,10 @@ int4 plus the LoRA update in low rank (:class:`_Int4LowRank`), the update kept b
 weights when the run was loaded, in decode steps of up to ``LOW_RANK_MAX_ROWS`` rows (beyond, the
 merged weights are faster).
 
-Every format but exact runs the Llama step's work between its products (norms, rotation, the KV
-cache write, attention, the SwiGLU gate) in styletune's own C kernels (:mod:`.kernels`,
-:class:`_KernelStep`): four calls a layer where PyTorch makes about 35 operations, each costing
-more to dispatch than to compute at one token per row. Where those kernels are built with AVX-512
+Every format but exact runs the step's work between its products (norms, rotation, the KV cache
+write, attention, the SwiGLU gate; for GPT-2, LayerNorm, attention and the tanh GELU) in styletune's
+own C kernels (:mod:`.kernels`, :class:`_KernelStep`): four calls a layer where PyTorch makes about
+35 operations (15 for GPT-2), each costing more to dispatch than to compute at one token per row. Where those kernels are built with AVX-512
 VNNI or AVX2 (:func:`_int_kernels`), the kernel step also runs the int4 products and, for ``auto``, the
 output head on Q8_0's 8-bit grid (:class:`_Int8Grid`) in styletune's own integer kernels: the
 input quantised to int8 per group of 32 in two passes (the second, the first's remainder: about 15
@@ -759,10 +759,14 @@ class _Llama:
 # GPT-2's ``activation_function`` values, as torch's fused kernels. "gelu_new" (GPT-2's own) and
 # "gelu_fast" write out the tanh approximation in several operations; torch's kernel computes the same
 # formula in one (results agree to float rounding, ~1e-7 relative).
+def _gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
 _GPT2_ACTIVATIONS = {
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
     "gelu": F.gelu,
     "relu": F.relu,
     "silu": F.silu,
@@ -1060,12 +1064,15 @@ def _int_product(P, base, lib, reuse: bool):  # noqa: N803 - a projection, as th
 
 
 class _KernelStep:
-    """The Llama step of a decoder whose layers are fused (every ``--quantize`` format), in fp32 on
-    CPU, with the work between its products done by styletune's kernels (:mod:`.kernels`): per layer
-    four calls into ``kernels.c`` (norm, rotation + cache write + attention, residual add + norm, SwiGLU
-    gate) and the layer's four products, where the PyTorch step makes about 35 operations. The
-    arithmetic is the PyTorch step's, to float rounding (sums in another order, exp within 2 ulp):
-    tested against it, and against exact, in the tests and the bench's perplexity rows.
+    """The step of a decoder whose layers are fused (every ``--quantize`` format), in fp32 on CPU, with
+    the work between its products done by styletune's kernels (:mod:`.kernels`): per layer four calls
+    into ``kernels.c`` (norm, rotation + cache write + attention, residual add + norm, the MLP's
+    activation) and the layer's four products, where the PyTorch step makes about 35 operations
+    (Llama) or 15 (GPT-2). Llama: RMSNorm, rotary positions, the SwiGLU gate. GPT-2: LayerNorm, no
+    rotation (its positions are added to the embedding), the tanh GELU (``_gelu_tanh``; other
+    activations keep the PyTorch step). The arithmetic is the PyTorch step's, to float rounding (sums
+    in another order, exp within 2 ulp): tested against it, and against exact, in the tests and the
+    bench's perplexity rows.
 
     Buffers are allocated once per row count and reused every token; the products' inputs are
     written in the dtype each kernel reads (bf16 for PyTorch's int4, fp32 for styletune's int kernels
@@ -1075,8 +1082,9 @@ class _KernelStep:
     def build(decoder, model):
         """The kernel step for ``decoder``, or None where it does not apply or the kernels are not
         available (then the PyTorch step runs)."""
-        if not (isinstance(decoder.arch, _Llama) and decoder.quantize and model.dtype == torch.float32
-                and model.device.type == "cpu"):
+        arch = decoder.arch
+        family = isinstance(arch, _Llama) or (isinstance(arch, _GPT2) and arch.act is _gelu_tanh)
+        if not (family and decoder.quantize and model.dtype == torch.float32 and model.device.type == "cpu"):
             return None
         from . import kernels
 
@@ -1089,8 +1097,20 @@ class _KernelStep:
         self.kv = [t.data_ptr() for t in decoder.kv]
         self.slots_total, self.max_len = decoder.kv[0].shape[1], decoder.max_len
         self.shape = (decoder.n_heads, decoder.n_kv, decoder.head_dim)
-        self.hidden, self.inter = cfg.hidden_size, cfg.intermediate_size
-        self.scale = decoder.head_dim ** -0.5
+        self.llama = isinstance(arch, _Llama)
+        if self.llama:
+            self.hidden, self.inter = cfg.hidden_size, cfg.intermediate_size
+            self.norm, self.act, self.mlp = lib.st_add_rms, lib.st_silu_mul, ("gate_up", "down")
+            self.rope = (arch.cos.data_ptr(), arch.sin_signed.data_ptr())
+            # the attention scale of every layer (folded into q by the rotation)
+            self.scales = [decoder.head_dim ** -0.5] * len(decoder.kv)
+            self.final_norm = (arch.norm.data_ptr(),)
+        else:  # GPT-2: LayerNorm's weight and bias, no rotation, its own scale per layer
+            self.hidden, self.inter = cfg.n_embd, cfg.n_inner or 4 * cfg.n_embd
+            self.norm, self.act, self.mlp = lib.st_add_layer_norm, lib.st_gelu_tanh, ("fc", "proj")
+            self.rope = (None, None)
+            self.scales = arch.scales
+            self.final_norm = tuple(t.data_ptr() for t in arch.ln_f)
         n_heads, n_kv, head_dim = self.shape
         group = n_heads // n_kv
         self.scratch = torch.empty(max(2 * self.inter, self.hidden,
@@ -1100,14 +1120,19 @@ class _KernelStep:
         self._buffers: dict[int, dict] = {}
 
     def _plan(self, layers, head):
-        """Per layer: the norms' weights and each product with the dtype of its input; the head's."""
+        """Per layer: the norms' weights (a tuple: the weight, and LayerNorm's bias), each product with the
+        dtype of its input, the attention scale; the head's product."""
         plan = self._plans.get(id(layers))
         if plan is None or plan[0] is not layers or plan[1] is not head:
             def product(P):  # noqa: N803
                 return _kernel_product(P, self.lib)
 
-            steps = [(L["ln1"].data_ptr(), *product(L["qkv"]), *product(L["o"]),
-                      L["ln2"].data_ptr(), *product(L["gate_up"]), *product(L["down"])) for L in layers]
+            def norm(w):
+                return tuple(t.data_ptr() for t in w) if isinstance(w, tuple) else (w.data_ptr(),)
+
+            up, down = self.mlp
+            steps = [(norm(L["ln1"]), *product(L["qkv"]), *product(L["o"]), norm(L["ln2"]), *product(L[up]),
+                      *product(L[down]), scale) for L, scale in zip(layers, self.scales)]
             # the head's output is the step's: a new tensor each step
             plan = self._plans[id(layers)] = (layers, head, steps, _kernel_product(head, self.lib, reuse=False))
         return plan[2], plan[3]
@@ -1126,7 +1151,7 @@ class _KernelStep:
         return bufs
 
     def __call__(self, layers, head, input_ids, pos, where, mask, upto: int, slots):
-        lib, arch = self.lib, self.arch
+        lib, arch, norm, act = self.lib, self.arch, self.norm, self.act
         b = input_ids.shape[0]
         n_heads, n_kv, head_dim = self.shape
         hidden, eps, scratch = self.hidden, arch.eps, self.scratch.data_ptr()
@@ -1135,30 +1160,34 @@ class _KernelStep:
         slots = bufs["slots"] if slots is None else slots
         if mask is not None:
             mask = mask.contiguous()
-        x = F.embedding(input_ids.view(b), arch.embed_weight)  # (B, C): the residual stream, updated in place
+        # (B, C): the residual stream, updated in place
+        if self.llama:
+            x = F.embedding(input_ids.view(b), arch.embed_weight)
+        else:
+            x = F.embedding(input_ids.view(b), arch.wte).add_(F.embedding(pos, arch.wpe))
         xp, posp, slotp = x.data_ptr(), pos.data_ptr(), slots.data_ptr()
-        cos, sin = arch.cos.data_ptr(), arch.sin_signed.data_ptr()
+        cos, sin = self.rope
         wpos, wstride = (pos.data_ptr(), 1) if where is None else (where.data_ptr(), 0)
         maskp = None if mask is None else mask.data_ptr()
         add, add_code = None, 0  # the last layer's down product, added by the next norm's call
-        for kv, (ln1, qkv_code, qkv, o_code, o, ln2, gu_code, gate_up, down_code, down) in zip(self.kv, plan):
+        for kv, (ln1, qkv_code, qkv, o_code, o, ln2, up_code, up, down_code, down, scale) in zip(self.kv, plan):
             h, hp = bufs["h", qkv_code]
-            lib.st_add_rms(xp, add, add_code, ln1, hp, qkv_code, b, hidden, eps, scratch)
+            norm(xp, add, add_code, *ln1, hp, qkv_code, b, hidden, eps, scratch)
             y = qkv(h)
             att, ap = bufs["att", o_code]
             lib.st_rope_attend(y.data_ptr(), _KERNEL_DTYPES[y.dtype], posp, cos, sin, kv, self.slots_total,
                                self.max_len, slotp, wpos, wstride, maskp, upto, ap, o_code,
-                               b, n_heads, n_kv, head_dim, self.scale, scratch)
+                               b, n_heads, n_kv, head_dim, scale, scratch)
             y = o(att)
-            h, hp = bufs["h", gu_code]
-            lib.st_add_rms(xp, y.data_ptr(), _KERNEL_DTYPES[y.dtype], ln2, hp, gu_code, b, hidden, eps, scratch)
-            y = gate_up(h)
+            h, hp = bufs["h", up_code]
+            norm(xp, y.data_ptr(), _KERNEL_DTYPES[y.dtype], *ln2, hp, up_code, b, hidden, eps, scratch)
+            y = up(h)
             mid, mp = bufs["mid", down_code]
-            lib.st_silu_mul(y.data_ptr(), _KERNEL_DTYPES[y.dtype], mp, down_code, b, self.inter, scratch)
+            act(y.data_ptr(), _KERNEL_DTYPES[y.dtype], mp, down_code, b, self.inter, scratch)
             y = down(mid)  # added to the stream by the next norm's call
             add, add_code = y.data_ptr(), _KERNEL_DTYPES[y.dtype]
         h, hp = bufs["h", head_code]
-        lib.st_add_rms(xp, add, add_code, arch.norm.data_ptr(), hp, head_code, b, hidden, eps, scratch)
+        norm(xp, add, add_code, *self.final_norm, hp, head_code, b, hidden, eps, scratch)
         return head(h).float()
 
 

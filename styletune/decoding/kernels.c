@@ -1,8 +1,8 @@
 /* styletune's CPU kernels for the work of a decode step between its matrix products, and (on x86-64
  * CPUs with AVX-512 VNNI or AVX2, at the end of this file) for its int4 and int8 products.
  *
- * At one token per row, the norms, the rotation, attention and the SwiGLU gate of a 135M model are a
- * few thousand floats each: PyTorch spends far longer dispatching them (about 35 operations per
+ * At one token per row, the norms, the rotation, attention and the SwiGLU gate of a 135M model (GPT-2's
+ * LayerNorm, attention and GELU likewise) are a few thousand floats each: PyTorch spends far longer dispatching them (about 35 operations per
  * layer, a few microseconds each) than computing them. These do each group of them in one call, on
  * the step's own buffers (see kernels.py, which builds this file on first use with the system's C
  * compiler, for this machine, and fast.py, whose step calls it).
@@ -73,16 +73,22 @@ static inline float exp_f32(float x) {
     return p * scale.f;
 }
 
+/* Row b of x (B, C), fp32, updated in place: x += add (dtype add_dt; none where add_dt is 0). */
+static inline float *add_row(float *x, const void *add, int add_dt, int b, int C, float *scratch) {
+    float *xb = x + (long)b * C;
+    if (add_dt) {
+        load(add, add_dt, (long)b * C, C, scratch);
+        for (int i = 0; i < C; i++) xb[i] += scratch[i];
+    }
+    return xb;
+}
+
 /* For each of B rows of x (B, C), fp32, updated in place: x += add (dtype add_dt; none where add_dt is
  * 0), then out = w * (x * rsqrt(mean(x^2) + eps)) (Llama's RMSNorm), written in dtype out_dt. */
 void st_add_rms(float *x, const void *add, int add_dt, const float *w, void *out, int out_dt,
                 int B, int C, float eps, float *scratch) {
     for (int b = 0; b < B; b++) {
-        float *xb = x + (long)b * C;
-        if (add_dt) {
-            load(add, add_dt, (long)b * C, C, scratch);
-            for (int i = 0; i < C; i++) xb[i] += scratch[i];
-        }
+        float *xb = add_row(x, add, add_dt, b, C, scratch);
         float ss = 0.0f;
 #pragma omp simd reduction(+ : ss)
         for (int i = 0; i < C; i++) ss += xb[i] * xb[i];
@@ -104,9 +110,43 @@ void st_silu_mul(const void *gu, int in_dt, void *out, int out_dt, int B, int I,
     }
 }
 
+/* As st_add_rms with LayerNorm (GPT-2's): out = (x - mean(x)) * rsqrt(var(x) + eps) * w + bias, the
+ * variance the biased one, as torch's layer_norm. */
+void st_add_layer_norm(float *x, const void *add, int add_dt, const float *w, const float *bias, void *out,
+                       int out_dt, int B, int C, float eps, float *scratch) {
+    for (int b = 0; b < B; b++) {
+        float *xb = add_row(x, add, add_dt, b, C, scratch);
+        float sum = 0.0f, ss = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int i = 0; i < C; i++) sum += xb[i];
+        const float mean = sum / (float)C;
+#pragma omp simd reduction(+ : ss)
+        for (int i = 0; i < C; i++) ss += (xb[i] - mean) * (xb[i] - mean);
+        const float r = 1.0f / sqrtf(ss / (float)C + eps);
+        for (int i = 0; i < C; i++) scratch[i] = (xb[i] - mean) * r * w[i] + bias[i];
+        store(scratch, C, out, out_dt, (long)b * C);
+    }
+}
+
+/* out (B, I) = gelu(in) with the tanh approximation (GPT-2's "gelu_new"):
+ * 0.5 x (1 + tanh(u)) with u = sqrt(2 / pi) (x + 0.044715 x^3), computed as x / (1 + exp(-2u)), the same
+ * function in one exp. in in dtype in_dt, out in out_dt; scratch holds I floats. */
+void st_gelu_tanh(const void *in, int in_dt, void *out, int out_dt, int B, int I, float *scratch) {
+    for (int b = 0; b < B; b++) {
+        load(in, in_dt, (long)b * I, I, scratch);
+#pragma omp simd
+        for (int i = 0; i < I; i++) {
+            const float x = scratch[i], u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+            scratch[i] = x / (1.0f + exp_f32(-2.0f * u));
+        }
+        store(scratch, I, out, out_dt, (long)b * I);
+    }
+}
+
 /* One token per row b of a batch, after the q/k/v product r (B, H + 2K, D), in dtype r_dt:
  *  - rotate its q and k heads at position pos[b] (tables cos and sin_signed (positions, D): rotate_half
- *    with the first half's sign folded into sin_signed), q also multiplied by `scale`;
+ *    with the first half's sign folded into sin_signed), q also multiplied by `scale`; where cos is NULL
+ *    (learned positions, GPT-2's), no rotation: q is multiplied by `scale` only;
  *  - write its k and v heads into slot slots[b] of the cache kv (2, S, K, T, D) at position
  *    wpos[b * wstride];
  *  - attend, each q head h to kv head h / (H / K), over the first `upto` positions of the slot (those
@@ -125,9 +165,11 @@ rope_attend(const void *r, int r_dt, const int64_t *pos, const float *cos, const
     const long plane = (long)S * K * T * D; /* keys, then values */
     for (int b = 0; b < B; b++) {
         load(r, r_dt, (long)b * heads * D, heads * D, row);
-        const float *c = cos + pos[b] * D, *s = sin_signed + pos[b] * D;
         const long slot = slots[b], at = wpos[(long)b * wstride];
-        for (int h = 0; h < H + K; h++) { /* v * cos + rotate_half(v) * sin, in place */
+        if (!cos)
+            for (int i = 0; i < H * D; i++) row[i] *= scale;
+        const float *c = cos ? cos + pos[b] * D : NULL, *s = cos ? sin_signed + pos[b] * D : NULL;
+        for (int h = 0; cos && h < H + K; h++) { /* v * cos + rotate_half(v) * sin, in place */
             float *v = row + (long)h * D;
             const float a = h < H ? scale : 1.0f;
             for (int j = 0; j < half; j++) {

@@ -3,7 +3,8 @@
 At one token per row the eager step spends more time dispatching PyTorch operations than reading
 weights: on the bundled SmolLM2, about 35 small operations per layer (norms, rotation, attention, the
 SwiGLU gate, dtype casts), a few microseconds each, around four matrix products. ``kernels.c`` does
-each group of them in one call over the step's own preallocated buffers. Where the CPU has AVX-512
+each group of them in one call over the step's own preallocated buffers (for GPT-2 too: LayerNorm,
+attention without rotation, the tanh GELU). Where the CPU has AVX-512
 VNNI or AVX2, it also has products of int4 and int8 matrices in styletune's own layout (``st_q4_mm``,
 ``st_q8_mm``, with int8 activations; ``fast._int_kernels``); elsewhere (Arm, x86-64 before AVX2) the
 products stay PyTorch's (int4, fp16, int8). See ``fast._KernelStep`` for where the step uses them, and the bench
@@ -42,7 +43,9 @@ _LOADED: dict[str, ctypes.CDLL | None] = {}
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
     "st_add_rms": [_P, _P, _I, _P, _P, _I, _I, _I, _F, _P],
+    "st_add_layer_norm": [_P, _P, _I, _P, _P, _P, _I, _I, _I, _F, _P],
     "st_silu_mul": [_P, _I, _P, _I, _I, _I, _P],
+    "st_gelu_tanh": [_P, _I, _P, _I, _I, _I, _P],
     "st_rope_attend": [_P, _I, _P, _P, _P, _P, _I, _I, _P, _P, _I, _P, _I, _P, _I, _I, _I, _I, _I, _F, _P],
     "st_low_rank": [_P, _I, _P, _P, _P, _I, _P, _I, _I, _I, _I, _P],
     "st_q4_mm": [_P, _I, _P, _P, _P, _I, _I, _I, _P, _I, _I],
