@@ -329,12 +329,34 @@ def test_the_library_says_which_int_products_it_has(tmp_path):
     assert kernels.library().st_int_products() == want
 
 
+def test_int8_is_llamacpps_q8_0_in_styletunes_kernel(lib):
+    """``--quantize int8`` where the int kernels run: codes in -127..127, one fp16 scale per 32 inputs (the
+    group's largest weight over 127), each code the nearest for its scale; the product (bias included)
+    is the formula's to the input's two-pass rounding, and the dequantised weights within half a scale
+    step of the model's."""
+    torch.manual_seed(9)
+    n, k = 48, 96
+    w, bias, x = torch.randn(n, k) * 0.05, torch.randn(n), torch.randn(3, k)
+    w[0, :32] = 0.0  # an all-zero group: scale 0, codes 0
+    proj = fast._int8(w, bias)
+    assert isinstance(proj, fast._Int8Grid)
+    groups = w.reshape(n, k // 32, 32)
+    scale = (groups.abs().amax(-1) / 127).half().float()
+    q = torch.round(groups / scale.clamp(min=1e-30)[..., None]).clamp(-127, 127)
+    dequantised = (q * scale[..., None]).reshape(n, k)
+    assert ((dequantised - w).abs().reshape(n, k // 32, 32) <= scale[..., None] / 2 + 1e-9).all()
+    assert torch.equal(proj.packed[0], fast._pack_int8(q.to(torch.int8).reshape(n, k), scale)[0])
+    want = x @ dequantised.t() + bias
+    assert torch.allclose(proj(x), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
 def test_without_int_products_the_formats_are_pytorchs(monkeypatch):
     monkeypatch.setattr(fast, "_int_kernels", lambda: None)
     w4, *_ = _grid_matrix(64, 96, 4, seed=7)
     w8, *_ = _grid_matrix(64, 96, 8, seed=8)
     four, eight = fast._int4_grid_fp16(w4), fast._int4_grid_fp16(w8)
     assert isinstance(four, fast._Int4Linear) and four.packed is None and isinstance(eight, fast._Fp16Linear)
+    assert isinstance(fast._int8(w8), fast._Int8Linear)  # --quantize int8: one scale per row, PyTorch's kernel
 
 
 def _decoders(model, monkeypatch, **kwargs):

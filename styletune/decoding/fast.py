@@ -19,11 +19,12 @@ weight on every call, which at 8 rows costs more than the arithmetic (8 prompts
 at once went from ~3.5x to ~5x the tokens/s of one prompt here). The copy costs
 the model's size in memory again, and is rebuilt when the weights change.
 
-``quantize="int8"`` stores weight-only int8 copies (per-output-channel scales,
-``torch._weight_int8pack_mm``) and fuses q/k/v and gate/up into single matrices (GPT-2's
-are fused already):
-about 4x less memory traffic per token, at the price of exact parity (the int8
-rounding changes logits by ~1%). ``quantize="int8-dynamic"`` also quantises the
+``quantize="int8"`` stores weight-only int8 copies and fuses q/k/v and gate/up into single
+matrices (GPT-2's are fused already): about 4x less memory traffic per token than fp32, at the price
+of exact parity. Where styletune's int kernels run (:func:`_int8`), the copies are llama.cpp's Q8_0
+(one fp16 scale per group of 32 inputs) read by styletune's int8 kernel; elsewhere, and in a
+compiled step, one scale per output row (``torch._weight_int8pack_mm``: the int8 rounding changes
+logits by ~1%). ``quantize="int8-dynamic"`` also quantises the
 activations, per token, so that the products run as int8 x int8 (``torch._int_mm``):
 faster again, and less exact (measured on SmolLM2: perplexity +2.4% against +0.4%
 for ``int8``; see the README's performance section).
@@ -425,6 +426,21 @@ def _int4_grid_fp16(weight: torch.Tensor, bias: torch.Tensor | None = None):
     return _lossless_int4(weight, bias, other=_int8_grid_fp16)
 
 
+def _int8(weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """``--quantize int8``: llama.cpp's Q8_0 (int8 codes, one fp16 scale per group of 32 inputs, as
+    ``styletune export`` writes a Q8_0 GGUF) through styletune's int8 kernel (:class:`_Int8Grid`), where
+    that kernel is built and the matrix fits its blocks (rows a multiple of 16); elsewhere PyTorch's
+    weight-only int8, one scale per output row (:class:`_Int8Linear`). The scales are rounded to fp16
+    before the codes are taken, so each code is the nearest to the weight for the scale stored."""
+    n, k = weight.shape
+    if not (_int_copy(weight) and n % 16 == 0 and k % INT4_GROUP == 0):
+        return _Int8Linear(weight, bias)
+    groups = weight.detach().reshape(n, k // INT4_GROUP, INT4_GROUP)
+    scale = (groups.abs().amax(-1) / 127).half().float()
+    q = torch.round(groups / scale.clamp(min=1e-30)[..., None]).clamp_(-127, 127)
+    return _Int8Grid((q.to(torch.int8).reshape(n, k), scale), bias)
+
+
 def _int8_grid_fp16(weight: torch.Tensor, bias: torch.Tensor | None = None):
     """``--quantize auto`` for a matrix off the 4-bit grid: int8 (:class:`_Int8Grid`) for one on Q8_0's
     grid where styletune's int8 kernel is built, else fp16."""
@@ -486,7 +502,7 @@ def _int_products_step(model) -> bool:
             and model.dtype == torch.float32 and model.device.type == "cpu" and _int_kernels() is not None)
 
 
-_QUANTIZED = {"int8": _Int8Linear, "int8-dynamic": _Int8DynamicLinear, "int4": _int4, "int4-grid": _lossless_int4,
+_QUANTIZED = {"int8": _int8, "int8-rows": _Int8Linear, "int8-dynamic": _Int8DynamicLinear, "int4": _int4, "int4-grid": _lossless_int4,
               "int4-fp16": _int4_grid_fp16, "fp16": _Fp16Linear,
               "int4-grid-fp16-head": _lossless_int4}  # its head: as "int4-fp16" (_derived_weights)
 
@@ -872,7 +888,9 @@ class FastDecoder:
             quantize = None  # the int8 kernels used here are the CPU ones
         if quantize == "auto":
             quantize = auto_format(compile, model)
-        self.quantize = quantize  # the storage used: ``auto`` resolved for this machine
+        if quantize == "int8" and compile:
+            quantize = "int8-rows"  # a compiled step takes tensors only, not styletune's kernel (_int8)
+        self.quantize = quantize  # the storage used: ``auto`` (and ``int8`` compiled) resolved for this machine
         if not supports(model):
             raise StyletuneError(f"the lean decode step does not support this model ({type(model).__name__})")
         requested = max_len
@@ -1004,14 +1022,14 @@ def _kernel_product(P, lib, reuse: bool = True):  # noqa: N803 - a projection, a
     matrix has a copy for styletune's int kernels (``packed``), that copy's product runs instead, from
     fp32 input (:func:`_int_product`)."""
     base = P.base if type(P) is _Int4LowRank else P
-    if not (type(base) in (_Int4Linear, _Int8Grid) and base.bias is None and base.rows % 16 == 0):
+    if type(base) in (_Int4Linear, _Int8Grid) and base.packed is not None and base.rows % 16 == 0:
+        return _int_product(P, base, lib, reuse)
+    if not (type(base) is _Int4Linear and base.bias is None and base.rows % 16 == 0):
         def product(x):
             y = P(x)
             return y if y.dtype in _KERNEL_DTYPES and y.is_contiguous() else y.float().contiguous()
 
         return 1, product
-    if base.packed is not None:  # (an _Int8Grid always has it)
-        return _int_product(P, base, lib, reuse)
     weight, scale_zero = base.weight, base.scale_zero
     if base is P:
         return 2, lambda x: _INT4_MM(x, weight, INT4_GROUP, scale_zero)
@@ -1032,9 +1050,11 @@ def _kernel_product(P, lib, reuse: bool = True):  # noqa: N803 - a projection, a
 def _int_product(P, base, lib, reuse: bool):  # noqa: N803 - a projection, as the step's others
     """(1, ``P`` as a function of an fp32 input) through styletune's int4 or int8 kernel; where ``reuse``
     (the layers' products, read before the step calls them again), into an output buffer of its own per
-    row count. A LoRA-tuned one adds its update after the base product, in fp32 (``st_low_rank``)."""
+    row count. A bias (GPT-2's) is added to the product; a LoRA-tuned one adds its update after the base
+    product, in fp32 (``st_low_rank``)."""
     n_in, n = base.packed[0].shape[1] * (8 if type(base) is _Int4Linear else 4), base.rows
     codes, scales = (t.data_ptr() for t in base.packed)
+    bias = base.bias
     mm = lib.st_q4_mm if type(base) is _Int4Linear else lib.st_q8_mm
     low_rank = P is not base
     if low_rank:
@@ -1053,6 +1073,8 @@ def _int_product(P, base, lib, reuse: bool):  # noqa: N803 - a projection, as th
                 buffers[b] = bufs
         y, out, scratch = bufs
         mm(x.data_ptr(), 1, codes, scales, y.data_ptr(), b, n_in, n, scratch.data_ptr(), threads(), INT_PASSES)
+        if bias is not None:
+            y.add_(bias)
         if not low_rank:
             return y
         lib.st_low_rank(x.data_ptr(), 1, *factors, y.data_ptr(), 1, out.data_ptr(), b, n_in, rank, n,
