@@ -50,7 +50,7 @@ def child(checkout: str, model: str, quantize: str, rows: int) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("a", help="checkout A (the reference)")
     p.add_argument("b", help="checkout B")
     p.add_argument("--model", default="smollm2-135m")
