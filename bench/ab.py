@@ -63,7 +63,8 @@ def main() -> None:
         return child(args.child, args.model, args.quantize, args.rows)
     flags = cpu_flags()
     print(f"CPU: {cpu_model_name()}; avx512_bf16: {'yes' if 'avx512_bf16' in flags else 'no'}, "
-          f"amx_bf16: {'yes' if 'amx_bf16' in flags else 'no'}, avx512_vnni: {'yes' if 'avx512_vnni' in flags else 'no'}, "
+          f"amx_bf16: {'yes' if 'amx_bf16' in flags else 'no'}, "
+          f"avx512_vnni: {'yes' if 'avx512_vnni' in flags else 'no'}, "
           f"avx2: {'yes' if 'avx2' in flags else 'no'}; torch's CPU kernels: {torch_cpu_capability()}")
     print(f"model {args.model}, --quantize {args.quantize}, {args.rows} prompt(s), {NEW_TOKENS} greedy tokens, "
           f"1 thread, best of {CALLS} calls per process")

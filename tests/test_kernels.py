@@ -128,7 +128,8 @@ HEADS = [(6, 2, 16), (9, 3, 64), (12, 3, 64), (4, 2, 64), (16, 4, 128), (6, 3, 1
 
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("r_dt", [F32, BF16])
-@pytest.mark.parametrize("heads,kv_heads,hd,rotary", [(*h, True) for h in HEADS] + [(12, 12, 64, False), (2, 2, 16, False)])
+@pytest.mark.parametrize("heads,kv_heads,hd,rotary",
+                         [(*h, True) for h in HEADS] + [(12, 12, 64, False), (2, 2, 16, False)])
 def test_rope_attend_rotates_writes_the_cache_and_attends(lib, r_dt, masked, heads, kv_heads, hd, rotary):
     """Rows in slots 2 and 0 of a cache of 3, at positions 5 and 3, each attending over its own slot
     (positions 0..5), with the rotation and softmax written out in PyTorch as the eager step does.
@@ -333,9 +334,10 @@ def test_int8_is_llamacpps_q8_0_in_styletunes_kernel(lib):
     """``--quantize int8`` where the int kernels run: codes in -127..127, one fp16 scale per 32 inputs (the
     group's largest weight over 127), each code the nearest for its scale; the product (bias included)
     is the formula's to the input's two-pass rounding, and the dequantised weights within half a scale
-    step of the model's."""
+    step of the model's. 50 rows: the kernel's blocks of 16 padded (as GPT-2's 50257-token head), in the
+    PyTorch step's call and in the kernel step's alike."""
     torch.manual_seed(9)
-    n, k = 48, 96
+    n, k = 50, 96
     w, bias, x = torch.randn(n, k) * 0.05, torch.randn(n), torch.randn(3, k)
     w[0, :32] = 0.0  # an all-zero group: scale 0, codes 0
     proj = fast._int8(w, bias)
@@ -345,9 +347,13 @@ def test_int8_is_llamacpps_q8_0_in_styletunes_kernel(lib):
     q = torch.round(groups / scale.clamp(min=1e-30)[..., None]).clamp(-127, 127)
     dequantised = (q * scale[..., None]).reshape(n, k)
     assert ((dequantised - w).abs().reshape(n, k // 32, 32) <= scale[..., None] / 2 + 1e-9).all()
-    assert torch.equal(proj.packed[0], fast._pack_int8(q.to(torch.int8).reshape(n, k), scale)[0])
+    padded = [torch.cat([t, t.new_zeros(14, t.shape[1])]) for t in (q.to(torch.int8).reshape(n, k), scale)]
+    assert torch.equal(proj.packed[0], fast._pack_int8(*padded)[0])
     want = x @ dequantised.t() + bias
     assert torch.allclose(proj(x), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    code, kernel_step_product = fast._kernel_product(proj, lib)
+    got = kernel_step_product(x)
+    assert code == F32 and got.shape == (3, n) and got.is_contiguous() and torch.equal(got, proj(x))
 
 
 def test_without_int_products_the_formats_are_pytorchs(monkeypatch):

@@ -47,9 +47,10 @@ merged weights are faster).
 Every format but exact runs the step's work between its products (norms, rotation, the KV cache
 write, attention, the SwiGLU gate; for GPT-2, LayerNorm, attention and the tanh GELU) in styletune's
 own C kernels (:mod:`.kernels`, :class:`_KernelStep`): four calls a layer where PyTorch makes about
-35 operations (15 for GPT-2), each costing more to dispatch than to compute at one token per row. Where those kernels are built with AVX-512
-VNNI or AVX2 (:func:`_int_kernels`), the kernel step also runs the int4 products and, for ``auto``, the
-output head on Q8_0's 8-bit grid (:class:`_Int8Grid`) in styletune's own integer kernels: the
+35 operations (15 for GPT-2), each costing more to dispatch than to compute at one token per row.
+Where those kernels are built with AVX-512 VNNI or AVX2 (:func:`_int_kernels`), the kernel step also
+runs the int4 products and, for ``auto``, the output head on Q8_0's 8-bit grid (:class:`_Int8Grid`;
+``--quantize int8``: every matrix, quantised to that grid) in styletune's own integer kernels: the
 input quantised to int8 per group of 32 in two passes (the second, the first's remainder: about 15
 bits, finer than the bf16 input of PyTorch's int4 kernel), multiply-adds of 64 int8 pairs an
 instruction (AVX2: 32 in two), over 3x PyTorch's int4 kernel on a matrix in cache, and bound by
@@ -316,23 +317,32 @@ class _Int8Grid:
     or AVX2.
 
     SmolLM2's 49152x576 output head, the largest matrix of the bundled model: half fp16's bytes
-    (measured on a 2-core AMD EPYC, one thread, one row, one pass: 1.48 ms against FBGEMM fp16's 2.79 ms)."""
+    (measured on a 2-core AMD EPYC, one thread, one row, one pass: 1.48 ms against FBGEMM fp16's 2.79 ms).
+
+    The kernel reads blocks of 16 rows: a matrix of other row counts (GPT-2's 50257-token head) is
+    padded with zero rows, whose outputs are cut off."""
 
     def __init__(self, grid, bias: torch.Tensor | None = None):
         q, scale = grid
         self.rows, self.n_in = q.shape
+        pad = -self.rows % 16
+        if pad:
+            q, scale = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (q, scale))
         self.packed = _pack_int8(q, scale)
         self.bias = bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().contiguous()
-        y = torch.empty(x.shape[0], self.rows)
+        n = self.packed[0].shape[0] * 16  # the padded rows
+        y = torch.empty(x.shape[0], n)
         codes, scales = self.packed
         scratch = _int_scratch(x.shape[0], self.n_in)  # held here: freed only after the call
         from . import kernels
 
         kernels.loaded().st_q8_mm(x.data_ptr(), 1, codes.data_ptr(), scales.data_ptr(), y.data_ptr(), x.shape[0],
-                                self.n_in, self.rows, scratch.data_ptr(), torch.get_num_threads(), INT_PASSES)
+                                self.n_in, n, scratch.data_ptr(), torch.get_num_threads(), INT_PASSES)
+        if n != self.rows:
+            y = y[:, :self.rows]
         return y if self.bias is None else y + self.bias
 
 
@@ -427,13 +437,14 @@ def _int4_grid_fp16(weight: torch.Tensor, bias: torch.Tensor | None = None):
 
 
 def _int8(weight: torch.Tensor, bias: torch.Tensor | None = None):
-    """``--quantize int8``: llama.cpp's Q8_0 (int8 codes, one fp16 scale per group of 32 inputs, as
-    ``styletune export`` writes a Q8_0 GGUF) through styletune's int8 kernel (:class:`_Int8Grid`), where
-    that kernel is built and the matrix fits its blocks (rows a multiple of 16); elsewhere PyTorch's
-    weight-only int8, one scale per output row (:class:`_Int8Linear`). The scales are rounded to fp16
-    before the codes are taken, so each code is the nearest to the weight for the scale stored."""
+    """``--quantize int8``: llama.cpp's Q8_0 format (int8 codes, one fp16 scale per group of 32 inputs, the
+    format ``styletune export`` writes by default) through styletune's int8 kernel (:class:`_Int8Grid`),
+    where that kernel is built and the matrix fits its groups (inputs a multiple of 32); elsewhere
+    PyTorch's weight-only int8, one scale per output row (:class:`_Int8Linear`). The scales are rounded
+    to fp16 before the codes are taken (llama.cpp takes them against the unrounded scale), so each code
+    is the nearest to its weight for the scale stored."""
     n, k = weight.shape
-    if not (_int_copy(weight) and n % 16 == 0 and k % INT4_GROUP == 0):
+    if not (_int_copy(weight) and k % INT4_GROUP == 0):
         return _Int8Linear(weight, bias)
     groups = weight.detach().reshape(n, k // INT4_GROUP, INT4_GROUP)
     scale = (groups.abs().amax(-1) / 127).half().float()
@@ -502,8 +513,8 @@ def _int_products_step(model) -> bool:
             and model.dtype == torch.float32 and model.device.type == "cpu" and _int_kernels() is not None)
 
 
-_QUANTIZED = {"int8": _int8, "int8-rows": _Int8Linear, "int8-dynamic": _Int8DynamicLinear, "int4": _int4, "int4-grid": _lossless_int4,
-              "int4-fp16": _int4_grid_fp16, "fp16": _Fp16Linear,
+_QUANTIZED = {"int8": _int8, "int8-rows": _Int8Linear, "int8-dynamic": _Int8DynamicLinear, "int4": _int4,
+              "int4-grid": _lossless_int4, "int4-fp16": _int4_grid_fp16, "fp16": _Fp16Linear,
               "int4-grid-fp16-head": _lossless_int4}  # its head: as "int4-fp16" (_derived_weights)
 
 # Formats that store a matrix on the 4-bit grid in int4 (``--quantize int4`` any matrix).
@@ -772,13 +783,14 @@ class _Llama:
         return self._rms(x, self.norm)
 
 
-# GPT-2's ``activation_function`` values, as torch's fused kernels. "gelu_new" (GPT-2's own) and
-# "gelu_fast" write out the tanh approximation in several operations; torch's kernel computes the same
-# formula in one (results agree to float rounding, ~1e-7 relative).
 def _gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 
 
+# GPT-2's ``activation_function`` values, as torch's fused kernels. "gelu_new" (GPT-2's own) and
+# "gelu_fast" write out the tanh approximation in several operations; torch's kernel computes the same
+# formula in one (results agree to float rounding, ~1e-7 relative). The kernel step has the tanh one
+# (``st_gelu_tanh``).
 _GPT2_ACTIVATIONS = {
     "gelu_new": _gelu_tanh,
     "gelu_pytorch_tanh": _gelu_tanh,
@@ -1022,7 +1034,7 @@ def _kernel_product(P, lib, reuse: bool = True):  # noqa: N803 - a projection, a
     matrix has a copy for styletune's int kernels (``packed``), that copy's product runs instead, from
     fp32 input (:func:`_int_product`)."""
     base = P.base if type(P) is _Int4LowRank else P
-    if type(base) in (_Int4Linear, _Int8Grid) and base.packed is not None and base.rows % 16 == 0:
+    if type(base) in (_Int4Linear, _Int8Grid) and base.packed is not None:
         return _int_product(P, base, lib, reuse)
     if not (type(base) is _Int4Linear and base.bias is None and base.rows % 16 == 0):
         def product(x):
@@ -1052,9 +1064,10 @@ def _int_product(P, base, lib, reuse: bool):  # noqa: N803 - a projection, as th
     (the layers' products, read before the step calls them again), into an output buffer of its own per
     row count. A bias (GPT-2's) is added to the product; a LoRA-tuned one adds its update after the base
     product, in fp32 (``st_low_rank``)."""
-    n_in, n = base.packed[0].shape[1] * (8 if type(base) is _Int4Linear else 4), base.rows
+    # n: the rows of the packed copy, padded to whole blocks of 16; the product's rows are the first base.rows
+    n_in, n = base.packed[0].shape[1] * (8 if type(base) is _Int4Linear else 4), base.packed[0].shape[0] * 16
     codes, scales = (t.data_ptr() for t in base.packed)
-    bias = base.bias
+    bias, rows = base.bias, base.rows
     mm = lib.st_q4_mm if type(base) is _Int4Linear else lib.st_q8_mm
     low_rank = P is not base
     if low_rank:
@@ -1068,16 +1081,18 @@ def _int_product(P, base, lib, reuse: bool):  # noqa: N803 - a projection, as th
         b = x.shape[0]
         bufs = buffers.get(b)
         if bufs is None:
-            bufs = (torch.empty(b, n), torch.empty(b, n) if low_rank else None, _int_scratch(b, n_in))
+            bufs = (torch.empty(b, n), torch.empty(b, rows) if low_rank else None, _int_scratch(b, n_in))
             if reuse:
                 buffers[b] = bufs
         y, out, scratch = bufs
         mm(x.data_ptr(), 1, codes, scales, y.data_ptr(), b, n_in, n, scratch.data_ptr(), threads(), INT_PASSES)
+        if rows != n:  # a padded matrix (a head of any vocabulary): its rows, contiguous for the next kernel
+            y = y[:, :rows].contiguous()
         if bias is not None:
             y.add_(bias)
         if not low_rank:
             return y
-        lib.st_low_rank(x.data_ptr(), 1, *factors, y.data_ptr(), 1, out.data_ptr(), b, n_in, rank, n,
+        lib.st_low_rank(x.data_ptr(), 1, *factors, y.data_ptr(), 1, out.data_ptr(), b, n_in, rank, rows,
                         update_scratch.data_ptr())
         return out
 

@@ -2,10 +2,10 @@
  * CPUs with AVX-512 VNNI or AVX2, at the end of this file) for its int4 and int8 products.
  *
  * At one token per row, the norms, the rotation, attention and the SwiGLU gate of a 135M model (GPT-2's
- * LayerNorm, attention and GELU likewise) are a few thousand floats each: PyTorch spends far longer dispatching them (about 35 operations per
- * layer, a few microseconds each) than computing them. These do each group of them in one call, on
- * the step's own buffers (see kernels.py, which builds this file on first use with the system's C
- * compiler, for this machine, and fast.py, whose step calls it).
+ * LayerNorm, attention and GELU likewise) are a few thousand floats each: PyTorch spends far longer
+ * dispatching them (about 35 operations per layer, a few microseconds each) than computing them. These
+ * do each group of them in one call, on the step's own buffers (see kernels.py, which builds this file
+ * on first use with the system's C compiler, for this machine, and fast.py, whose step calls it).
  *
  * Arithmetic is in fp32, as the PyTorch step's; tensors the products read or write may be bf16
  * (dtype code 2) or fp32 (code 1), rounded to nearest even as torch rounds them.
