@@ -366,12 +366,15 @@ def test_without_int_products_the_formats_are_pytorchs(monkeypatch):
 
 
 def _decoders(model, monkeypatch, **kwargs):
-    """The same decoder with the kernel step and with PyTorch's alone."""
+    """The same decoder with the kernel step and with PyTorch's alone, on the same weight copies (without
+    the kernels a format can store other copies: ``int8`` one scale per row in place of Q8_0's groups), so
+    that the two differ in their steps only."""
     with_kernels = fast.FastDecoder(model, **kwargs)
     monkeypatch.setenv("STYLETUNE_KERNELS", "0")
     without = fast.FastDecoder(model, **kwargs)
     monkeypatch.delenv("STYLETUNE_KERNELS")
     assert with_kernels._kernels is not None and without._kernels is None
+    without.layers, without.head = with_kernels.layers, with_kernels.head
     return with_kernels, without
 
 
@@ -405,11 +408,11 @@ def test_the_kernel_step_is_the_pytorch_step(models, lib, monkeypatch, family, q
 def test_the_kernel_step_serves_slots_that_join_leave_and_are_not_consecutive(models, lib, monkeypatch, family):
     """A SlotDecoder's rows: slots 3 and 1 at different lengths (a mask, each row writing at its own
     position), then slot 1 alone; logits as the PyTorch step's and as transformers' over each sequence."""
-    llama = models[family]  # (either family: the name is the test's)
+    lm = models[family]
     decs = []
     for env in ("1", "0"):
         monkeypatch.setenv("STYLETUNE_KERNELS", env)
-        decs.append(fast.SlotDecoder(llama.model, slots=4, max_len=32, quantize="fp16"))
+        decs.append(fast.SlotDecoder(lm.model, slots=4, max_len=32, quantize="fp16"))
     assert decs[0]._kernels is not None and decs[1]._kernels is None
     seqs = {3: [5, 6, 7, 8, 9], 1: [20, 21]}
     outs = [d.prefill_rows(list(seqs), list(seqs.values())) for d in decs]
@@ -422,7 +425,7 @@ def test_the_kernel_step_serves_slots_that_join_leave_and_are_not_consecutive(mo
         assert (outs[0] - outs[1]).abs().max() <= 1e-5 * outs[1].abs().max(), step
         for b, s in enumerate(live):
             with torch.no_grad():
-                ref = llama.model(torch.tensor([seqs[s]])).logits[0, -1]
+                ref = lm.model(torch.tensor([seqs[s]])).logits[0, -1]
             assert (outs[0][b] - ref).abs().max() <= 5e-3 * ref.abs().max(), (step, s)
 
 
