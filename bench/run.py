@@ -812,9 +812,9 @@ def _decode_floor(s: Settings, rows: int) -> dict:
         # the kernel step: the product functions its plan calls (styletune's int kernels where it has them)
         steps, (head_code, head_fn) = dec._kernels._plan(dec.layers, dec.head)
         wrapped = []
+        up, down = dec._kernels.mlp if hasattr(dec._kernels, "mlp") else ("gate_up", "down")  # the MLP's products
         for L, step in zip(dec.layers, steps):
             step = list(step)
-            up, down = dec._kernels.mlp if hasattr(dec._kernels, "mlp") else ("gate_up", "down")
             for i, name in ((2, "qkv"), (4, "o"), (7, up), (9, down)):
                 step[i] = recorder(L[name], step[i])
             wrapped.append(tuple(step))

@@ -272,15 +272,18 @@ def _pack_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
     return codes, sc.to(torch.float16).contiguous()
 
 
-def _int8_groups(weight: torch.Tensor, group: int = INT4_GROUP):
+def _int8_groups(weight: torch.Tensor, group: int = INT4_GROUP, fp16_scales: bool = False):
     """Symmetric 8-bit codes per group of ``group`` inputs, as Q8_0's: (q int8 (out, in) in -127..127,
     scale (out, in/group) = max|w| / 127, the largest reconstruction error of each group in units of
-    its scale)."""
+    its scale). ``fp16_scales``: the scales rounded to fp16 (as Q8_0 stores them) before the codes are
+    taken, so each code is the nearest to its weight for the scale stored."""
     n, k = weight.shape
     g = weight.detach().float().reshape(n, k // group, group)
     scale = g.abs().amax(-1) / 127
+    if fp16_scales:
+        scale = scale.half().float()
     safe = scale.clamp(min=1e-30)[..., None]
-    q = torch.round(g / safe)
+    q = torch.round(g / safe).clamp_(-127, 127)  # (a scale rounded down can put a code at 128)
     err = ((q * scale[..., None] - g).abs() / safe).amax(-1)
     return q.to(torch.int8).reshape(n, k), scale, err
 
@@ -330,20 +333,14 @@ class _Int8Grid:
             q, scale = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (q, scale))
         self.packed = _pack_int8(q, scale)
         self.bias = bias
+        self._product = None  # the kernel step's product function (_int_product), made on first call
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float().contiguous()
-        n = self.packed[0].shape[0] * 16  # the padded rows
-        y = torch.empty(x.shape[0], n)
-        codes, scales = self.packed
-        scratch = _int_scratch(x.shape[0], self.n_in)  # held here: freed only after the call
-        from . import kernels
+        if self._product is None:
+            from . import kernels
 
-        kernels.loaded().st_q8_mm(x.data_ptr(), 1, codes.data_ptr(), scales.data_ptr(), y.data_ptr(), x.shape[0],
-                                self.n_in, n, scratch.data_ptr(), torch.get_num_threads(), INT_PASSES)
-        if n != self.rows:
-            y = y[:, :self.rows]
-        return y if self.bias is None else y + self.bias
+            self._product = _int_product(self, self, kernels.loaded(), reuse=False)[1]
+        return self._product(x.float().contiguous())
 
 
 class _Int4LowRank:
@@ -443,13 +440,10 @@ def _int8(weight: torch.Tensor, bias: torch.Tensor | None = None):
     PyTorch's weight-only int8, one scale per output row (:class:`_Int8Linear`). The scales are rounded
     to fp16 before the codes are taken (llama.cpp takes them against the unrounded scale), so each code
     is the nearest to its weight for the scale stored."""
-    n, k = weight.shape
-    if not (_int_copy(weight) and k % INT4_GROUP == 0):
+    if not (_int_copy(weight) and weight.shape[1] % INT4_GROUP == 0):
         return _Int8Linear(weight, bias)
-    groups = weight.detach().reshape(n, k // INT4_GROUP, INT4_GROUP)
-    scale = (groups.abs().amax(-1) / 127).half().float()
-    q = torch.round(groups / scale.clamp(min=1e-30)[..., None]).clamp_(-127, 127)
-    return _Int8Grid((q.to(torch.int8).reshape(n, k), scale), bias)
+    q, scale, _ = _int8_groups(weight, fp16_scales=True)
+    return _Int8Grid((q, scale), bias)
 
 
 def _int8_grid_fp16(weight: torch.Tensor, bias: torch.Tensor | None = None):

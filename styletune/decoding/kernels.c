@@ -166,17 +166,19 @@ rope_attend(const void *r, int r_dt, const int64_t *pos, const float *cos, const
     for (int b = 0; b < B; b++) {
         load(r, r_dt, (long)b * heads * D, heads * D, row);
         const long slot = slots[b], at = wpos[(long)b * wstride];
-        if (!cos)
-            for (int i = 0; i < H * D; i++) row[i] *= scale;
-        const float *c = cos ? cos + pos[b] * D : NULL, *s = cos ? sin_signed + pos[b] * D : NULL;
-        for (int h = 0; cos && h < H + K; h++) { /* v * cos + rotate_half(v) * sin, in place */
-            float *v = row + (long)h * D;
-            const float a = h < H ? scale : 1.0f;
-            for (int j = 0; j < half; j++) {
-                const float lo = v[j], hi = v[j + half];
-                v[j] = lo * (c[j] * a) + hi * (s[j] * a);
-                v[j + half] = hi * (c[j + half] * a) + lo * (s[j + half] * a);
+        if (cos) {
+            const float *c = cos + pos[b] * D, *s = sin_signed + pos[b] * D;
+            for (int h = 0; h < H + K; h++) { /* v * cos + rotate_half(v) * sin, in place */
+                float *v = row + (long)h * D;
+                const float a = h < H ? scale : 1.0f;
+                for (int j = 0; j < half; j++) {
+                    const float lo = v[j], hi = v[j + half];
+                    v[j] = lo * (c[j] * a) + hi * (s[j] * a);
+                    v[j + half] = hi * (c[j + half] * a) + lo * (s[j + half] * a);
+                }
             }
+        } else {
+            for (int i = 0; i < H * D; i++) row[i] *= scale;
         }
         for (int kh = 0; kh < K; kh++) {
             float *cell = kv + ((slot * K + kh) * T + at) * D;
@@ -538,13 +540,16 @@ int_tile(const uint8_t *codes, const uint16_t *sc, const acts_t *a, long j0, flo
 #endif
 
 #if INT_PRODUCTS
+/* Blocks of 16 outputs per tile for B input rows: INT_RB1 for one row, 2 for two, 1 for more. */
+static inline long tile_blocks(int B) { return B == 1 ? INT_RB1 : B == 2 ? 2 : 1; }
+
 /* Tiles first..last-1 of all B input rows by all N outputs. Tile shapes: one row over INT_RB1 blocks, two over 2,
  * more rows over 1 block, four rows at a time (so that a block's codes, read from memory once, serve every
  * row from cache); the blocks left over after the last whole tile, one tile each. */
 static inline __attribute__((always_inline)) void
 int_tiles(const uint8_t *codes, const uint16_t *sc, const acts_t *a, int B, float *y, int In, int N,
           long first, long last, const int PASSES, const int bits) {
-    const long rb = B == 1 ? INT_RB1 : B == 2 ? 2 : 1, tiles = N / 16 / rb;
+    const long rb = tile_blocks(B), tiles = N / 16 / rb;
     for (long t = first; t < last; t++) {
         const long blk = t < tiles ? t * rb : tiles * rb + (t - tiles);
 #define TILE(rb, n) int_tile(codes, sc, a, j, y, In, N, blk, rb, n, PASSES, bits)
@@ -585,7 +590,7 @@ static void int_mm(const void *x, int x_dt, const uint8_t *codes, const uint16_t
     passes = passes == 2 ? 2 : 1;
     quantize_rows(x, x_dt, B, In, passes, &a, row);
     const tiles_fn fn = bits == 4 ? (passes == 2 ? q4_tiles_2 : q4_tiles_1) : (passes == 2 ? q8_tiles_2 : q8_tiles_1);
-    const long blocks = N / 16, rb = B == 1 ? INT_RB1 : B == 2 ? 2 : 1, count = blocks / rb + blocks % rb;
+    const long blocks = N / 16, rb = tile_blocks(B), count = blocks / rb + blocks % rb;
 #ifdef _OPENMP
     /* the tiles shared out among `threads` threads: built with -fopenmp, GCC's libgomp, which resolves to the
      * copy torch has already loaded, so these are the threads PyTorch's operations use */
