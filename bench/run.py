@@ -751,7 +751,7 @@ def measure_quant_quality(s: Settings, model: str | None = None) -> dict:
         "value": ppl["auto"] / ppl["exact"], "unit": "x perplexity (auto / exact)",
         "perplexity": ppl,
         "timing": f"{ids.shape[1]} tokens of the corpus, teacher-forced",
-        "notes": f"auto is {fast.auto_format(model=lm.model)} on this CPU; perplexity "
+        "notes": f"auto is {fast.auto_format(model=lm.model, rows=1)} on this CPU at one row; perplexity "
                  + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items())
                  + "; top-1 agreement with transformers " + ", ".join(f"{k} {v:.1%}" for k, v in agree.items()),
     }
@@ -848,6 +848,7 @@ def _decode_floor(s: Settings, rows: int) -> dict:
 # What a resolved --quantize auto format stores (a model with no matrix on the 4-bit grid, GPT-2's,
 # reads every one in the second format).
 _FORMAT_MEANING = {"int4-fp16": ": int4 on the 4-bit grid, int8 on Q8_0's (with styletune's int kernels), fp16 off both",
+                   "int4-q8": ": int4 on the 4-bit grid, Q8_0 off it (steps of few rows, styletune's int kernels)",
                    "int4-grid": ": int4 on the 4-bit grid, int8 off it", "fp16": ": fp16 throughout"}
 
 
@@ -992,7 +993,8 @@ def _projection_kinds(lm) -> str:
 
     from styletune.decoding import fast
 
-    layers, head = fast._weights(lm.model, fast.auto_format(model=lm.model))  # the copies generate made (cached)
+    # the copies generate of one prompt made (cached)
+    layers, head = fast._weights(lm.model, fast.auto_format(model=lm.model, rows=1))
     kinds = sorted({type(p).__name__.lstrip("_") for L in layers for p in L.values()
                     if not isinstance(p, (torch.Tensor, tuple))})
     return f"layers {', '.join(kinds)}; head {type(head).__name__.lstrip('_')}"

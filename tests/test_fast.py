@@ -287,7 +287,7 @@ def test_finished_rows_leave_the_batch(llama, monkeypatch):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])  # rotary positions, and GPT-2's learned ones
 @pytest.mark.parametrize("quantize,tol", [(None, 1e-5), ("int8", 5e-2), ("int8-dynamic", 5e-2), ("int4", 3e-1),
-                                          ("fp16", 5e-3)])
+                                          ("fp16", 5e-3), ("auto", 5e-2)])
 def test_slots_let_sequences_join_and_leave_between_steps(tiny_model_dirs, family, quantize, tol):
     """Continuous batching: sequences of different lengths, one joining after three steps and one
     leaving after four, each decoded at its own positions; every step's logits against transformers'
@@ -396,22 +396,30 @@ def _on_q4_1_grid(model):
     return model
 
 
-def test_auto_format_follows_the_cpu(llama, monkeypatch):
+def test_auto_format_follows_the_cpu(llama, tiny_gpt2, monkeypatch):
     """``--quantize auto`` stores int4 on the 4-bit grid and fp16 elsewhere on AVX-512 CPUs, and on AVX2
-    CPUs for a model whose kernel step runs styletune's int products (a Llama in fp32 on CPU), fp16
-    throughout for any other there; a compiled step's layers are int4 on the grid and int8 elsewhere, and
-    its head as eager auto's; without FBGEMM int4 on the grid and int8 elsewhere, whatever this machine
-    is."""
+    CPUs for a model whose kernel step runs styletune's int products (a Llama, a GPT-2 with the tanh GELU,
+    in fp32 on CPU), fp16 throughout for any other there; for such a model in steps of at most
+    ``FEW_ROWS`` rows, Q8_0 in place of fp16. A compiled step's layers are int4 on the grid and int8
+    elsewhere, and its head as eager auto's; without FBGEMM int4 on the grid and int8 elsewhere, whatever
+    this machine is."""
     bf16 = copy.deepcopy(llama.model).to(torch.bfloat16)
+    exact_gelu = copy.deepcopy(tiny_gpt2)
+    exact_gelu.config.activation_function = "gelu"
+    few, more = fast.FEW_ROWS, fast.FEW_ROWS + 1
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     monkeypatch.setattr(fast, "_int_kernels", lambda: object())  # a build with the int products
-    assert fast.auto_format(model=llama.model) == "int4-fp16"
-    assert fast.auto_format() == fast.auto_format(model=bf16) == "fp16"
-    assert fast.auto_format(compile=True, model=llama.model) == "int4-grid-fp16-head"
+    for model in (llama.model, tiny_gpt2):
+        assert fast.auto_format(model=model) == fast.auto_format(model=model, rows=more) == "int4-fp16"
+        assert fast.auto_format(model=model, rows=1) == fast.auto_format(model=model, rows=few) == "int4-q8"
+        assert fast.auto_format(compile=True, model=model, rows=1) == "int4-grid-fp16-head"
+    assert fast.auto_format() == fast.auto_format(model=bf16, rows=1) == "fp16"
+    assert fast.auto_format(model=exact_gelu, rows=1) == "fp16"  # the PyTorch step
     monkeypatch.setattr(fast, "_int_kernels", lambda: None)  # without them (or STYLETUNE_KERNELS=0)
-    assert fast.auto_format(model=llama.model) == "fp16" and fast.auto_format(compile=True) == "int4-grid-fp16-head"
+    assert fast.auto_format(model=llama.model, rows=1) == "fp16" and fast.auto_format(compile=True) == "int4-grid-fp16-head"
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert fast.auto_format() == fast.auto_format(model=bf16) == "int4-fp16"
+    assert fast.auto_format(model=llama.model, rows=1) == "int4-fp16"
     assert fast.auto_format(compile=True) == "int4-grid-fp16-head"
     for cpu in ("AVX2", "AVX512"):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: cpu)
@@ -436,11 +444,57 @@ def test_auto_on_avx2_stores_fp16(llama, monkeypatch):
     assert isinstance(dec.layers[0]["qkv"], fast._Fp16Linear) and isinstance(dec.head, fast._Fp16Linear)
 
 
+def _projections(layers, head) -> list:
+    return [p for L in layers for p in L.values() if not isinstance(p, (torch.Tensor, tuple))] + [head]
+
+
+@pytest.mark.skipif(fast._int_kernels() is None, reason="this CPU has neither AVX-512 VNNI nor AVX2")
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_auto_reads_matrices_off_the_grid_as_q8_0_in_steps_of_few_rows(tiny_model_dirs, family):
+    """Where the kernel step runs styletune's int products, ``auto`` reads a model off every grid as Q8_0
+    (``--quantize int8``'s products, the same logits) in steps of at most ``FEW_ROWS`` rows, and as fp16
+    in larger ones (``--quantize fp16``'s logits). A decoder of more slots switches per step, so a row
+    decoded alone is decoded as by a decoder of one slot."""
+    lm = load_model(str(tiny_model_dirs[family]), device="cpu", dtype="float32")
+    fast._DERIVED.pop(lm.model, None)
+
+    def decoders(quantize, slots):
+        return fast.SlotDecoder(lm.model, slots=slots, max_len=32, quantize=quantize)
+
+    one, four = decoders("auto", 1), decoders("auto", fast.FEW_ROWS + 2)
+    assert one.quantize == "int4-q8" and four.quantize == "int4-fp16"
+    assert all(isinstance(p, fast._Int8Grid) and not p.on_grid for p in _projections(one.layers, one.head))
+    assert all(isinstance(p, fast._Fp16Linear) for p in _projections(*four._weights_for[False]))
+    prompts = [[5, 6, 7], [8, 9, 10, 11], [12, 13], [14]]
+    tokens = [20, 21, 22, 23][:fast.FEW_ROWS + 1]
+
+    def logits(dec, rows):
+        for s in range(rows):
+            dec.prefill(s, prompts[s])
+        return dec.decode(list(range(rows)), tokens[:rows])
+
+    alone = logits(four, 1)
+    assert torch.equal(alone, logits(one, 1)) and torch.equal(alone, logits(decoders("int8", 1), 1))
+    more = len(tokens)
+    assert torch.equal(logits(four, more), logits(decoders("fp16", more), more))
+
+
+def test_auto_keeps_one_copy_of_a_model_on_the_grid(llama):
+    """For a model on the 4-bit grid, ``auto``'s formats for few and for many rows store the same matrices:
+    one copy serves both."""
+    snapped = _on_q4_1_grid(llama.model)
+    one, many = (fast.FastDecoder(snapped, batch=b, max_len=8, quantize="auto") for b in (1, fast.FEW_ROWS + 1))
+    assert all(getattr(p, "on_grid", False) for p in _projections(one.layers, one.head))
+    assert one.layers is many.layers and one.head is many.head
+
+
 def test_auto_stores_int4_only_where_it_loses_nothing(llama, monkeypatch):
-    """``--quantize auto`` on an AVX-512 CPU: matrices on a 4-bit grid go to int4, with logits as close
-    to exact as bf16 activations allow (int4 of weights off the grid is several times further off);
-    other matrices go to fp16, or to weight-only int8 in the format a compiled step takes."""
+    """``--quantize auto`` on an AVX-512 CPU without styletune's int products: matrices on a 4-bit grid go
+    to int4, with logits as close to exact as bf16 activations allow (int4 of weights off the grid is
+    several times further off); other matrices go to fp16, or to weight-only int8 in the format a compiled
+    step takes."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(fast, "_int_kernels", lambda: None)
     snapped = _on_q4_1_grid(llama.model)
     assert all(fast.on_int4_grid(p) for p in snapped.parameters() if p.dim() == 2)
     assert not any(fast.on_int4_grid(p) for p in llama.model.parameters() if p.dim() == 2)
@@ -549,7 +603,7 @@ def test_a_lora_run_over_a_4bit_base_decodes_the_base_in_int4(grid_lora_runs, fa
         return float((got - ref).abs().max() / ref.abs().max()), dec
 
     split, dec = worst("auto")
-    assert dec.quantize == "int4-fp16"
+    assert dec.quantize == ("int4-q8" if fast._int_kernels() else "int4-fp16")  # Q8_0 or fp16 off the grid
     layers = [p for L in dec.layers for p in L.values() if not isinstance(p, (torch.Tensor, tuple))]
     assert layers and all(isinstance(p, fast._Int4LowRank) for p in layers)
     split_int4, dec = worst("int4")
@@ -584,32 +638,34 @@ def test_a_lora_run_over_a_4bit_base_decodes_the_base_in_int4(grid_lora_runs, fa
 def test_a_stale_low_rank_update_is_not_used(grid_lora_runs, monkeypatch):
     """The int4 base is the weights minus the update kept beside them, taken only where that lands on
     the grid: weights changed after the merge (so that they no longer are base + update) are read
-    as they are, in fp16, and decode as the changed model does."""
+    as they are, as auto reads any matrix off the grid, and decode as the changed model does."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     lm = load_model(str(grid_lora_runs["llama"]), device="cpu", dtype="float32")
     attn = lm.model.model.layers[0].self_attn
     with torch.no_grad():
         attn.q_proj.weight.mul_(1.5)
     dec = fast.SlotDecoder(lm.model, slots=1, max_len=8, quantize="auto")
-    assert isinstance(dec.layers[0]["qkv"], fast._Fp16Linear)  # q, k and v are one matrix: fp16 together
+    # q, k and v are one matrix, off every grid together: Q8_0 in a step of one row (fp16 without the int kernels)
+    assert isinstance(dec.layers[0]["qkv"], fast._Int8Grid if fast._int_kernels() else fast._Fp16Linear)
     assert isinstance(dec.layers[0]["o"], fast._Int4LowRank) and isinstance(dec.layers[1]["qkv"], fast._Int4LowRank)
     ids = [5, 6, 7, 8]
     dec.prefill(0, ids[:-1])
     got = dec.decode([0], [ids[-1]])[0]
     with torch.no_grad():
         ref = lm.model(torch.tensor([ids])).logits[0, -1]
-    assert (got - ref).abs().max() <= 1e-2 * ref.abs().max()
+    tol = 5e-2 if fast._int_kernels() else 1e-2  # Q8_0's tolerance in the slot tests, or fp16's here
+    assert (got - ref).abs().max() <= tol * ref.abs().max()
 
 
 def test_a_lora_run_splits_in_steps_of_few_rows(grid_lora_runs, monkeypatch):
-    """The split pays at few rows only (``LOW_RANK_MAX_ROWS``): a step of more rows reads the merged
+    """The split pays at few rows only (``FEW_ROWS``): a step of more rows reads the merged
     weights as the format stores any matrix off the grid (fp16 here). The choice follows the rows a
     step decodes, not the slots the decoder holds, so one sequence alone in the server's many slots
     gets exactly the logits of a one-slot decoder (``generate`` of one prompt). The model's own int4
     layers, with no update, are one copy for every row count."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     lm = load_model(str(grid_lora_runs["llama"]), device="cpu", dtype="float32")
-    rows = fast.LOW_RANK_MAX_ROWS + 1
+    rows = fast.FEW_ROWS + 1
     one = fast.SlotDecoder(lm.model, slots=1, max_len=8, quantize="auto")
     many = fast.SlotDecoder(lm.model, slots=rows, max_len=8, quantize="auto")
     assert isinstance(one.layers[0]["qkv"], fast._Int4LowRank) and isinstance(many.layers[0]["qkv"], fast._Fp16Linear)

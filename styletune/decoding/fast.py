@@ -33,15 +33,18 @@ for ``int8``; see the README's performance section).
 ``torch._weight_int4pack_mm_for_cpu``): half the bytes of int8 again, lossy for weights that were
 trained in floating point. ``quantize="fp16"`` stores fp16 copies for FBGEMM's fp16 GEMM (fp16
 weights, fp32 activations): half the bytes of fp32, and nothing lost but the weights' rounding.
-``quantize="auto"`` (the command line's default) loses nothing but float rounding wherever the
-model allows: it takes int4 for matrices already on a 4-bit grid (a model dequantised from a Q4
-GGUF, as the bundled SmolLM2 is) and fp16 for every other one (int8 for one on Q8_0's grid, where
-styletune's int kernels run); where torch's CPU kernels run at AVX2 only and styletune's int
-kernels do not run (a bf16 model, GPT-2, no compiler), PyTorch's int kernels are slower than fp16,
-and it takes fp16 throughout (:func:`auto_format`). A LoRA run's merged weights are off the grid
+``quantize="auto"`` (the command line's default) is the fastest format within 1% of exact perplexity
+(:func:`auto_format`). It takes int4 for matrices already on a 4-bit grid (a model dequantised from a
+Q4 GGUF, as the bundled SmolLM2 is: nothing lost but float rounding). Where the kernel step runs
+styletune's int kernels, it takes llama.cpp's Q8_0 for every other matrix in steps of at most
+``FEW_ROWS`` rows (perplexity within 0.1% of exact on the bench's models, top-1 agreement ~98%), where
+the products wait on memory and Q8_0 reads half fp16's bytes, and fp16 in larger steps (int8 for a
+matrix on Q8_0's own grid), where the integer multiply-adds cost more; elsewhere fp16. Where torch's
+CPU kernels run at AVX2 only and styletune's int kernels do not run (a bf16 model, no compiler),
+PyTorch's int kernels are slower than fp16, and it takes fp16 throughout. A LoRA run's merged weights are off the grid
 its base is on: the formats that store grid matrices in int4 read each adapted matrix as its base in
 int4 plus the LoRA update in low rank (:class:`_Int4LowRank`), the update kept beside the merged
-weights when the run was loaded, in decode steps of up to ``LOW_RANK_MAX_ROWS`` rows (beyond, the
+weights when the run was loaded, in decode steps of up to ``FEW_ROWS`` rows (beyond, the
 merged weights are faster).
 
 Every format but exact runs the step's work between its products (norms, rotation, the KV cache
@@ -218,6 +221,7 @@ class _Int4Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, groups=None):
         n = weight.shape[0]
         self.rows = n
+        self.on_grid = groups is not None  # the matrix's own grid: nothing lost
         q, scale, zero = groups if groups is not None else _int4_groups(weight)[:3]
         pad = -n % 16
         if pad:  # rows whose outputs are cut off: any codes do
@@ -291,11 +295,8 @@ def _int8_groups(weight: torch.Tensor, group: int = INT4_GROUP, fp16_scales: boo
 def _int8_grid(weight: torch.Tensor):
     """(codes int8 (out, in) in -127..127, scales (out, in/32)) for a matrix on Q8_0's grid (every group of
     32 inputs is q * scale with scale = max|w| / 127: the weights of a model dequantised from a Q8_0 GGUF,
-    as the bundled SmolLM2's tied embedding), or None for one that is not (or whose rows are not a
-    multiple of 16, the int8 kernel's blocks)."""
-    if weight.dim() != 2 or weight.shape[0] % 16:
-        return None
-    return _on_grid(weight, _int8_groups)
+    as the bundled SmolLM2's tied embedding), or None for one that is not."""
+    return _on_grid(weight, _int8_groups) if weight.dim() == 2 else None
 
 
 def _pack_int8(q: torch.Tensor, scale: torch.Tensor):
@@ -325,8 +326,9 @@ class _Int8Grid:
     The kernel reads blocks of 16 rows: a matrix of other row counts (GPT-2's 50257-token head) is
     padded with zero rows, whose outputs are cut off."""
 
-    def __init__(self, grid, bias: torch.Tensor | None = None):
+    def __init__(self, grid, bias: torch.Tensor | None = None, on_grid: bool = True):
         q, scale = grid
+        self.on_grid = on_grid  # the matrix's own grid (False: quantised to it)
         self.rows, self.n_in = q.shape
         pad = -self.rows % 16
         if pad:
@@ -443,7 +445,7 @@ def _int8(weight: torch.Tensor, bias: torch.Tensor | None = None):
     if not (_int_copy(weight) and weight.shape[1] % INT4_GROUP == 0):
         return _Int8Linear(weight, bias)
     q, scale, _ = _int8_groups(weight, fp16_scales=True)
-    return _Int8Grid((q, scale), bias)
+    return _Int8Grid((q, scale), bias, on_grid=False)
 
 
 def _int8_grid_fp16(weight: torch.Tensor, bias: torch.Tensor | None = None):
@@ -451,6 +453,27 @@ def _int8_grid_fp16(weight: torch.Tensor, bias: torch.Tensor | None = None):
     grid where styletune's int8 kernel is built, else fp16."""
     grid = _int8_grid(weight) if _int_copy(weight) else None
     return _Fp16Linear(weight, bias) if grid is None else _Int8Grid(grid, bias)
+
+
+def _q8(weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """``--quantize auto`` in decode steps of few rows, for a matrix off the 4-bit grid: Q8_0 in styletune's
+    int8 kernel (:class:`_Int8Grid`), its own grid kept where it is on Q8_0's, else quantised as
+    ``--quantize int8`` does (:func:`_int8`); fp16 for a matrix that kernel does not take."""
+    if not (_int_copy(weight) and int4_fits(weight)):
+        return _Fp16Linear(weight, bias)
+    grid = _int8_grid(weight)
+    return _int8(weight, bias) if grid is None else _Int8Grid(grid, bias)
+
+
+def _int4_grid_q8(weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """``--quantize auto`` in decode steps of at most ``FEW_ROWS`` rows where the kernel step runs styletune's
+    int products (``"int4-q8"``, :func:`auto_format`): int4 on the 4-bit grid, Q8_0 (:func:`_q8`) for the
+    rest. At one row the products wait on memory, and Q8_0 reads half fp16's bytes (measured on a 2-core
+    AMD EPYC with AVX2 only, one thread, every product of a step cycled through memory: GPT-2 small's
+    6.8 ms against FBGEMM fp16's 15.3, SmolLM2's 12.3 against 21.4); at two rows 12.0 against 16.7 and
+    25.0 against 24.4; from three rows on the integer multiply-adds cost more than fp16's (3 rows 19.4-26.7
+    against 17.8 and 36.1 against 26.4; 8 rows 45-61 against 32-35 and 50-84 against 46-47)."""
+    return _lossless_int4(weight, bias, other=_q8)
 
 
 class _Fp16Linear:
@@ -480,10 +503,14 @@ def has_fp16_kernel() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
-def auto_format(compile: bool = False, model=None) -> str:
-    """What ``--quantize auto`` stores on this machine (for ``model``, where given), keeping nothing but
-    float rounding from exact where the model allows: ``"int4-fp16"``, int4 for matrices already on a
-    4-bit grid and fp16 (or int8 on Q8_0's grid, :func:`_int8_grid_fp16`) for the rest, on AVX-512 CPUs
+def auto_format(compile: bool = False, model=None, rows: int | None = None) -> str:
+    """What ``--quantize auto`` stores on this machine (for ``model``, where given, in decode steps of
+    ``rows`` rows): the fastest format within 1% of exact perplexity (``make bench``'s ``quant_quality``
+    rows). Where the kernel step runs styletune's int products for ``model`` and a step has at most
+    ``FEW_ROWS`` rows: ``"int4-q8"``, int4 for matrices already on a 4-bit grid and llama.cpp's Q8_0 for the
+    rest (:func:`_int4_grid_q8`). Otherwise it keeps nothing but float rounding from exact where the model
+    allows: ``"int4-fp16"``, int4 on the 4-bit grid and fp16 (or int8 on Q8_0's grid,
+    :func:`_int8_grid_fp16`) for the rest, on AVX-512 CPUs
     and wherever the kernel step runs styletune's int products (:func:`_int_products_step`: on AVX2
     too); ``"fp16"`` throughout where torch's CPU kernels run at AVX2 and PyTorch's int4 kernel would
     run (slower than FBGEMM's fp16 there, see :class:`_Fp16Linear`). A torch without FBGEMM takes
@@ -495,24 +522,29 @@ def auto_format(compile: bool = False, model=None) -> str:
         return "int4-grid"
     if compile:
         return "int4-grid-fp16-head"
-    if torch.backends.cpu.get_cpu_capability() != "AVX2" or (model is not None and _int_products_step(model)):
+    ints = model is not None and _int_products_step(model)
+    if ints and rows is not None and rows <= FEW_ROWS:
+        return "int4-q8"
+    if torch.backends.cpu.get_cpu_capability() != "AVX2" or ints:
         return "int4-fp16"
     return "fp16"
 
 
 def _int_products_step(model) -> bool:
-    """Whether the kernel step (:class:`_KernelStep`) runs styletune's int products for ``model``: a Llama
-    in fp32 on CPU, with the kernels built for a CPU with AVX2 or AVX-512 VNNI (:func:`_int_kernels`)."""
-    return (_FAMILIES.get(getattr(architecture_of(model), "model_type", None)) is _Llama
+    """Whether the kernel step (:class:`_KernelStep`) runs styletune's int products for ``model``: a model
+    of a family it has kernels for (a Llama, a GPT-2 with the tanh GELU) in fp32 on CPU, with the kernels
+    built for a CPU with AVX2 or AVX-512 VNNI (:func:`_int_kernels`)."""
+    family = _FAMILIES.get(getattr(architecture_of(model), "model_type", None))
+    return (family is not None and family.supports(model) and family.kernel_step(model)
             and model.dtype == torch.float32 and model.device.type == "cpu" and _int_kernels() is not None)
 
 
 _QUANTIZED = {"int8": _int8, "int8-rows": _Int8Linear, "int8-dynamic": _Int8DynamicLinear, "int4": _int4,
-              "int4-grid": _lossless_int4, "int4-fp16": _int4_grid_fp16, "fp16": _Fp16Linear,
+              "int4-grid": _lossless_int4, "int4-fp16": _int4_grid_fp16, "int4-q8": _int4_grid_q8, "fp16": _Fp16Linear,
               "int4-grid-fp16-head": _lossless_int4}  # its head: as "int4-fp16" (_derived_weights)
 
 # Formats that store a matrix on the 4-bit grid in int4 (``--quantize int4`` any matrix).
-_GRID_FORMATS = ("int4", "int4-grid", "int4-fp16", "int4-grid-fp16-head")
+_GRID_FORMATS = ("int4", "int4-grid", "int4-fp16", "int4-q8", "int4-grid-fp16-head")
 
 # A decode step of at most this many rows reads a LoRA run's adapted matrices as the base in int4 plus
 # the update (:class:`_Int4LowRank`); one of more rows reads the merged weights, as the format stores
@@ -520,8 +552,9 @@ _GRID_FORMATS = ("int4", "int4-grid", "int4-fp16", "int4-grid-fp16-head")
 # Measured on a 2-core AMD EPYC with avx512_bf16 (the demo run, ``generate``, 64 greedy tokens,
 # medians of three interleaved calls), tokens/s split against fp16: 1.06x at 1 row, 1.15x at 2, 0.99x
 # at 4, 0.85x at 8 on one thread; 1.07x, 1.11x, 0.96x and 0.79x on two. (The base model's own int4
-# stays ahead of fp16 at 8 rows: 1.02x and 1.05x.)
-LOW_RANK_MAX_ROWS = 2
+# stays ahead of fp16 at 8 rows: 1.02x and 1.05x.) ``auto`` reads matrices off the grid as Q8_0 in steps
+# of as many rows, as fp16 in larger ones (:func:`_int4_grid_q8`).
+FEW_ROWS = 2
 
 
 class _Dense:
@@ -603,7 +636,7 @@ def _derived_weights(model, quantize: str | None, rows: int, pack: bool):
     """Per-layer projections and the output head: dense views of the model's own tensors,
     MKL-packed copies (fp32 batches of ``PACK_MIN_ROWS`` rows or more, when ``pack``) or
     int8 copies. Which projections a layer has is the architecture's (its ``weights``)."""
-    split = quantize in _GRID_FORMATS and rows <= LOW_RANK_MAX_ROWS and _has_low_rank(model)
+    split = quantize in _GRID_FORMATS and rows <= FEW_ROWS and _has_low_rank(model)
     if quantize:
         kind = f"{quantize}+low-rank" if split else quantize
         if _int_kernels():  # copies for styletune's int kernels too (STYLETUNE_KERNELS=0 derives its own)
@@ -618,6 +651,14 @@ def _derived_weights(model, quantize: str | None, rows: int, pack: bool):
     sig = _signature(model) if kind else None
     if kind in entries and entries[kind][0] == sig:
         return entries[kind][1]
+    # auto's formats for few and many rows differ only in the matrices off both grids: where the other's
+    # copies hold none (the bundled model's base), they are this one's too, not built twice
+    twin = {"int4-q8": "int4-fp16", "int4-fp16": "int4-q8"}.get(quantize)
+    if twin and not split:
+        other = entries.get(kind.replace(quantize, twin, 1))
+        if other is not None and other[0] == sig and _on_grids(other[1]):
+            entries[kind] = other
+            return other[1]
     # Drop what is about to be replaced before building, so two copies never coexist: a stale
     # entry of this kind, and any other fp32 copy (one per model: packed for its latest batch size,
     # or relaid out).
@@ -648,6 +689,14 @@ def _derived_weights(model, quantize: str | None, rows: int, pack: bool):
     if kind:
         entries[kind] = (sig, weights)
     return weights
+
+
+def _on_grids(weights) -> bool:
+    """Whether every projection of ``weights`` (layers, head) holds a matrix on its own grid, int4's or
+    Q8_0's: nothing of it lost."""
+    layers, head = weights
+    projections = [p for L in layers for p in L.values() if not isinstance(p, (torch.Tensor, tuple))]
+    return all(getattr(p, "on_grid", False) for p in [*projections, head])
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -682,6 +731,11 @@ class _Llama:
         return (getattr(cfg, "hidden_act", "silu") == "silu" and not getattr(cfg, "attention_bias", False)
                 and not getattr(cfg, "mlp_bias", False) and rope.get("rope_type", "default") == "default"
                 and getattr(cfg, "pretraining_tp", 1) == 1)
+
+    @staticmethod
+    def kernel_step(model) -> bool:
+        """Whether :class:`_KernelStep` has this model's arithmetic: every Llama this step supports."""
+        return True
 
     @staticmethod
     def weights(model, Proj, fused: bool):
@@ -820,6 +874,11 @@ class _GPT2:
                 and getattr(cfg, "activation_function", "gelu_new") in _GPT2_ACTIVATIONS)
 
     @staticmethod
+    def kernel_step(model) -> bool:
+        """Whether :class:`_KernelStep` has this model's activation (the tanh GELU)."""
+        return _GPT2_ACTIVATIONS[model.config.activation_function] is _gelu_tanh
+
+    @staticmethod
     def weights(model, Proj, fused: bool):
         layers = []
         for block in model.transformer.h:
@@ -893,7 +952,7 @@ class FastDecoder:
         if quantize and model.device.type != "cpu":
             quantize = None  # the int8 kernels used here are the CPU ones
         if quantize == "auto":
-            quantize = auto_format(compile, model)
+            quantize = auto_format(compile, model, rows=batch)
         if quantize == "int8" and compile:
             quantize = "int8-rows"  # a compiled step takes tensors only, not styletune's kernel (_int8)
         self.quantize = quantize  # the storage used: ``auto`` (and ``int8`` compiled) resolved for this machine
@@ -1113,9 +1172,8 @@ class _KernelStep:
     def build(decoder, model):
         """The kernel step for ``decoder``, or None where it does not apply or the kernels are not
         available (then the PyTorch step runs)."""
-        arch = decoder.arch
-        family = isinstance(arch, _Llama) or (isinstance(arch, _GPT2) and arch.act is _gelu_tanh)
-        if not (family and decoder.quantize and model.dtype == torch.float32 and model.device.type == "cpu"):
+        if not (decoder.quantize and decoder.arch.kernel_step(model) and model.dtype == torch.float32
+                and model.device.type == "cpu"):
             return None
         from . import kernels
 
@@ -1242,15 +1300,20 @@ class SlotDecoder(FastDecoder):
         super().__init__(model, batch=slots, max_len=max_len, quantize=quantize, compile=False)
         self.model = model
         self.lengths = [0] * slots
-        # Layers by the rows a step decodes: a LoRA run's int4 base plus update where the step has few
-        # rows (LOW_RANK_MAX_ROWS), its merged weights otherwise. So a step's arithmetic depends on how
-        # many sequences it decodes, not on how many slots the decoder holds: a request alone on the
-        # server decodes as `generate` of its one prompt does.
-        # Asked of every grid format: a model with no update gets its one cached copy back. Not of exact
+        # Weights by the rows a step decodes: where the step has few rows (FEW_ROWS), a LoRA run's int4
+        # base plus update, and auto's format for few rows (Q8_0 off the 4-bit grid); the format for
+        # this many slots otherwise. So a step's arithmetic depends on how many sequences it decodes,
+        # not on how many slots the decoder holds: a request alone on the server decodes as `generate`
+        # of its one prompt does.
+        # Asked of every grid format: a model with neither gets its one cached copy back. Not of exact
         # fp32, where another row count would replace this decoder's packed copy.
-        few = slots > LOW_RANK_MAX_ROWS and self.quantize in _GRID_FORMATS
-        self._layers_for = {False: self.layers,
-                            True: _weights(model, self.quantize, LOW_RANK_MAX_ROWS)[0] if few else self.layers}
+        few = slots > FEW_ROWS and self.quantize in _GRID_FORMATS
+        if few and quantize == "auto":
+            few_format = auto_format(model=model, rows=FEW_ROWS)
+        else:
+            few_format = self.quantize
+        self._weights_for = {False: (self.layers, self.head),
+                             True: _weights(model, few_format, FEW_ROWS) if few else (self.layers, self.head)}
 
     def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
         """Put the prompt ``ids`` into ``slot``; returns the float32 logits of its next token (V,)."""
@@ -1307,7 +1370,7 @@ class SlotDecoder(FastDecoder):
         mask = None if len(set(lengths)) == 1 else (
             torch.arange(upto, device=device)[None, :] <= pos[:, None])[:, None, None, :]
         ids = torch.tensor(tokens, device=device)[:, None]
-        self.layers = self._layers_for[len(slots) <= LOW_RANK_MAX_ROWS]
+        self.layers, self.head = self._weights_for[len(slots) <= FEW_ROWS]
         consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
         logits = self._forward(ids, pos, pos[:1] if mask is None else None, mask, upto,
                                torch.tensor(slots, device=device),
