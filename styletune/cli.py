@@ -94,12 +94,13 @@ def model_options(f):
 # Generation only: the quantised copies serve the decode step; probe reads the exact model.
 quantize_option = click.option(
     "--quantize", type=click.Choice(QUANTIZE_CHOICES), default="auto", show_default=True,
-    help="Weights of the CPU decode step (Llama and GPT-2 families). auto: the fastest storage that "
-         "keeps perplexity exact to float rounding on this CPU: "
-         "int4 for matrices already on a 4-bit grid (a model from a Q4 GGUF, the default one included) "
-         "and fp16 for the rest (fp16 throughout where torch runs at AVX2 only and styletune's int "
-         "kernels do not; with --compile, int8 for the layers off the grid: perplexity within "
-         "~0.5%); none: the exact fp32 model; fp16: fp16 weights, fp32 arithmetic (FBGEMM, x86-64); int4: "
+    help="Weights of the CPU decode step (Llama and GPT-2 families). auto: the fastest storage within "
+         "1% of exact perplexity on this CPU: "
+         "int4 for matrices already on a 4-bit grid (a model from a Q4 GGUF, the default one included: "
+         "nothing lost) and fp16 for the rest; where styletune's int kernels run, llama.cpp's Q8_0 for "
+         "the rest in steps of one or two sequences (perplexity within 0.1%) (fp16 throughout where "
+         "torch runs at AVX2 only and styletune's int kernels do not; with --compile, int8 for the "
+         "layers off the grid: perplexity within ~0.5%); none: the exact fp32 model; fp16: fp16 weights, fp32 arithmetic (FBGEMM, x86-64); int4: "
          "group-wise int4 everywhere (lossy for other models); int8: weight-only int8; int8-dynamic: int8 "
          "activations too (perplexity ~+2%).")
 
