@@ -100,7 +100,8 @@ quantize_option = click.option(
          "nothing lost) and fp16 for the rest; where styletune's int kernels run, llama.cpp's Q8_0 for "
          "the rest in steps of one or two sequences (perplexity within 0.1%) (fp16 throughout where "
          "torch runs at AVX2 only and styletune's int kernels do not; with --compile, int8 for the "
-         "layers off the grid: perplexity within ~0.5%); none: the exact fp32 model; fp16: fp16 weights, fp32 arithmetic (FBGEMM, x86-64); int4: "
+         "layers off the grid: perplexity within ~0.5%); none: the exact fp32 model; fp16: fp16 weights, "
+         "fp32 arithmetic (FBGEMM, x86-64); int4: "
          "group-wise int4 everywhere (lossy for other models); int8: weight-only int8; int8-dynamic: int8 "
          "activations too (perplexity ~+2%).")
 

@@ -41,8 +41,8 @@ styletune's int kernels, it takes llama.cpp's Q8_0 for every other matrix in ste
 the products wait on memory and Q8_0 reads half fp16's bytes, and fp16 in larger steps (int8 for a
 matrix on Q8_0's own grid), where the integer multiply-adds cost more; elsewhere fp16. Where torch's
 CPU kernels run at AVX2 only and styletune's int kernels do not run (a bf16 model, no compiler),
-PyTorch's int kernels are slower than fp16, and it takes fp16 throughout. A LoRA run's merged weights are off the grid
-its base is on: the formats that store grid matrices in int4 read each adapted matrix as its base in
+PyTorch's int kernels are slower than fp16, and it takes fp16 throughout. A LoRA run's merged weights
+are off the grid its base is on: the formats that store grid matrices in int4 read each adapted matrix as its base in
 int4 plus the LoRA update in low rank (:class:`_Int4LowRank`), the update kept beside the merged
 weights when the run was loaded, in decode steps of up to ``FEW_ROWS`` rows (beyond, the
 merged weights are faster).
@@ -540,7 +540,8 @@ def _int_products_step(model) -> bool:
 
 
 _QUANTIZED = {"int8": _int8, "int8-rows": _Int8Linear, "int8-dynamic": _Int8DynamicLinear, "int4": _int4,
-              "int4-grid": _lossless_int4, "int4-fp16": _int4_grid_fp16, "int4-q8": _int4_grid_q8, "fp16": _Fp16Linear,
+              "int4-grid": _lossless_int4, "int4-fp16": _int4_grid_fp16, "int4-q8": _int4_grid_q8,
+              "fp16": _Fp16Linear,
               "int4-grid-fp16-head": _lossless_int4}  # its head: as "int4-fp16" (_derived_weights)
 
 # Formats that store a matrix on the 4-bit grid in int4 (``--quantize int4`` any matrix).
@@ -876,7 +877,7 @@ class _GPT2:
     @staticmethod
     def kernel_step(model) -> bool:
         """Whether :class:`_KernelStep` has this model's activation (the tanh GELU)."""
-        return _GPT2_ACTIVATIONS[model.config.activation_function] is _gelu_tanh
+        return _GPT2_ACTIVATIONS.get(getattr(model.config, "activation_function", "gelu_new")) is _gelu_tanh
 
     @staticmethod
     def weights(model, Proj, fused: bool):
