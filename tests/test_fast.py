@@ -687,3 +687,22 @@ def test_a_lora_run_splits_in_steps_of_few_rows(grid_lora_runs, monkeypatch):
     base = load_model(str(grid_lora_runs["llama"].parent / "base-llama"), device="cpu", dtype="float32")
     few_slots, many_slots = (fast.SlotDecoder(base.model, slots=n, max_len=8, quantize="auto") for n in (1, 8))
     assert few_slots.layers is many_slots.layers and isinstance(few_slots.layers[0]["qkv"], fast._Int4Linear)
+
+
+def test_codes_in_slices_are_the_codes_of_the_whole_matrix(monkeypatch):
+    """The group codes are computed over slices of rows (``_SLICE`` numbers each); any slicing gives the
+    codes, scales and errors of the whole matrix at once. The grid tests look at a few rows first and
+    then at all of them: a matrix on a grid but for its last row is off it."""
+    torch.manual_seed(0)
+    w = torch.randn(70, 96) * 0.02  # rows of 96 inputs: slices of 1, 2 and 10 rows, the last one short
+    whole = [fast._int4_groups(w), fast._int8_groups(w), fast._int8_groups(w, fp16_scales=True)]
+    for numbers in (96, 200, 1000):
+        monkeypatch.setattr(fast, "_SLICE", numbers)
+        sliced = [fast._int4_groups(w), fast._int8_groups(w), fast._int8_groups(w, fp16_scales=True)]
+        for a, b in zip(whole, sliced):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+    q, scale, _ = whole[2]
+    grid = (q.float().view(70, 3, 32) * scale[..., None]).view(70, 96)
+    assert fast._int8_grid(grid) is not None and fast._int8_grid(w) is None
+    grid[-1] = w[-1]
+    assert fast._int8_grid(grid) is None
