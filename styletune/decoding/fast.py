@@ -222,13 +222,8 @@ def _on_grid(weight: torch.Tensor, groups):
         return None
     if float(groups(weight[:16])[-1].max()) > _ON_GRID:  # most matrices are off: a few rows tell
         return None
-    parts = []
-    for start in range(0, weight.shape[0], 4096):  # in slices: the temporaries stay small
-        *codes, err = groups(weight[start:start + 4096])
-        if float(err.max()) > _ON_GRID:
-            return None
-        parts.append(codes)
-    return tuple(torch.cat(p) for p in zip(*parts))
+    *codes, err = groups(weight)  # (in slices: the temporaries stay small)
+    return None if float(err.max()) > _ON_GRID else tuple(codes)
 
 
 def on_int4_grid(weight: torch.Tensor) -> bool:
