@@ -642,19 +642,21 @@ def test_a_stale_low_rank_update_is_not_used(grid_lora_runs, monkeypatch):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     lm = load_model(str(grid_lora_runs["llama"]), device="cpu", dtype="float32")
     attn = lm.model.model.layers[0].self_attn
+    ids = [5, 6, 7, 8]
     with torch.no_grad():
+        before = lm.model(torch.tensor([ids])).logits[0, -1]
         attn.q_proj.weight.mul_(1.5)
     dec = fast.SlotDecoder(lm.model, slots=1, max_len=8, quantize="auto")
     # q, k and v are one matrix, off every grid together: Q8_0 in a step of one row (fp16 without the int kernels)
     assert isinstance(dec.layers[0]["qkv"], fast._Int8Grid if fast._int_kernels() else fast._Fp16Linear)
     assert isinstance(dec.layers[0]["o"], fast._Int4LowRank) and isinstance(dec.layers[1]["qkv"], fast._Int4LowRank)
-    ids = [5, 6, 7, 8]
     dec.prefill(0, ids[:-1])
     got = dec.decode([0], [ids[-1]])[0]
     with torch.no_grad():
         ref = lm.model(torch.tensor([ids])).logits[0, -1]
     tol = 5e-2 if fast._int_kernels() else 1e-2  # Q8_0's tolerance in the slot tests, or fp16's here
     assert (got - ref).abs().max() <= tol * ref.abs().max()
+    assert (before - ref).abs().max() > 2 * tol * ref.abs().max()  # the tolerance tells the two models apart
 
 
 def test_a_lora_run_splits_in_steps_of_few_rows(grid_lora_runs, monkeypatch):
